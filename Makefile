@@ -1,0 +1,35 @@
+# Quickstart: `make demo` generates text with the embedded default model; `make test` runs the tests.
+# Both create .venv on first use. torch is pinned and installed first: the CPU wheel lies on this
+# machine's disk, and an unpinned torch would make pip fetch CUDA builds of several GB.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+demo: $(STAMP)
+	$(BIN)/gpt2kit generate "Hello, I'm a language model"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/tokenizer.py
+	$(BIN)/python benchmarks/load_and_forward.py
+	$(BIN)/python benchmarks/generate.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
