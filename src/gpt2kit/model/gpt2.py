@@ -1,0 +1,337 @@
+"""The GPT-2 body (GPT2Model) and the base class every GPT-2 model shares (GPT2PreTrainedModel).
+
+`forward` returns hidden states; heads (heads.py) turn them into logits or task outputs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import GPT2Config
+from .cache import Cache, DynamicCache, StaticCache
+from .layers import Block, Projection
+from .outputs import BaseModelOutputWithPastAndCrossAttentions
+
+
+class GPT2PreTrainedModel(nn.Module):
+    """Shared plumbing: config, initialisation, checkpoint I/O, embeddings, device/dtype helpers."""
+
+    config_class = GPT2Config
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _tied_weights_keys = ()  # names of parameters tied to transformer.wte.weight
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        if not isinstance(config, GPT2Config):
+            raise TypeError(f"{type(self).__name__} needs a GPT2Config, got {type(config).__name__}.")
+        config.validate()
+        self.config = config
+
+    # -- initialisation (GPT-2's: normal(0, initializer_range); residual projections / sqrt(2 n_layer)) --
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (Projection, nn.Linear)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def post_init(self) -> None:
+        """Initialise every weight as GPT-2 does, then tie the LM head. Called at the end of __init__."""
+        self.apply(self._init_weights)
+        residual_std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+        self.tie_weights()
+
+    def init_weights(self) -> None:
+        self.post_init()
+
+    # -- embeddings and tying ---------------------------------------------------------------------
+    @property
+    def base_model(self) -> "GPT2Model":
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.wte
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.base_model.wte = embeddings
+        self.tie_weights()
+
+    def get_output_embeddings(self):
+        return getattr(self, "lm_head", None)
+
+    def tie_weights(self) -> None:
+        """Share the LM head's weight with the token embedding when config.tie_word_embeddings."""
+        head = self.get_output_embeddings()
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.base_model.wte.weight
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Grow or shrink the vocabulary; new rows get GPT-2's initialisation, old rows are kept."""
+        wte = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return wte
+        n = new_num_tokens if new_num_tokens is not None else wte.num_embeddings
+        if pad_to_multiple_of:
+            n = int(math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of)
+        if n <= 0:
+            raise ValueError(f"new_num_tokens must be positive, got {n}.")
+        old = wte.weight.data
+        new = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
+        nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
+        keep = min(n, old.shape[0])
+        new.weight.data[:keep] = old[:keep]
+        self.base_model.wte = new
+        head = self.get_output_embeddings()
+        if head is not None and not self.config.tie_word_embeddings:
+            new_head = nn.Linear(head.in_features, n, bias=head.bias is not None, device=old.device, dtype=head.weight.dtype)
+            nn.init.normal_(new_head.weight, mean=0.0, std=self.config.initializer_range)
+            new_head.weight.data[:keep] = head.weight.data[:keep]
+            self.lm_head = new_head
+        elif head is not None:
+            head.out_features = n
+        self.config.vocab_size = n
+        self.tie_weights()
+        return self.get_input_embeddings()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        for p in self.parameters():  # tied parameters are counted once
+            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def can_generate(self) -> bool:
+        return hasattr(self, "lm_head")
+
+    @classmethod
+    def from_config(cls, config: GPT2Config, **kwargs):
+        attn = kwargs.pop("attn_implementation", None)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        if kwargs:
+            raise TypeError(f"Unknown argument(s) to from_config: {', '.join(sorted(kwargs))}.")
+        config = config.copy()
+        if attn is not None:
+            config._attn_implementation = attn
+            config.validate()
+        model = cls(config)
+        if dtype is not None and dtype != "auto":
+            from ..weights.checkpoint import parse_dtype
+            model.to(parse_dtype(dtype))
+        return model
+
+    # -- checkpoint I/O (implemented in weights/checkpoint.py) ------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        from ..weights.checkpoint import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        from ..weights.checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Generate token ids; see gpt2kit.generation (the engine works on token ids only)."""
+        from ..generation.engine import generate
+
+        return generate(self, *args, **kwargs)
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.config._attn_implementation = name
+        self.config.validate()
+
+
+def _resolve_cache(past_key_values, use_cache: bool, config) -> Cache | None:
+    if past_key_values is None:
+        return DynamicCache(config) if use_cache else None
+    if isinstance(past_key_values, Cache):
+        return past_key_values
+    if isinstance(past_key_values, (tuple, list)):  # legacy ((k, v), ...) per layer
+        return DynamicCache.from_legacy_cache(past_key_values)
+    raise TypeError(f"past_key_values must be a DynamicCache, StaticCache or a tuple of (key, value) per layer, "
+                    f"got {type(past_key_values).__name__}.")
+
+
+def self_attention_mask(attention_mask, B: int, T: int, past: int, S: int, device):
+    """The mask for T queries at positions past..past+T-1 over S stored keys.
+
+    Returns (mask, is_causal): mask is None, a boolean (B or 1, 1, T, S) tensor (True = may attend), or a
+    caller's additive float mask; is_causal tells SDPA to apply its own causal mask when nothing else is needed.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:  # a custom mask: bool (True = attend) or additive
+        return attention_mask.to(device), False
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+            raise ValueError(f"attention_mask must have shape (batch, past + new tokens) = ({B}, {past + T}), "
+                             f"got {tuple(attention_mask.shape)}.")
+        if attention_mask.shape[1] != past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but the cache holds {past} "
+                             f"and {T} are new: it must cover all {past + T}.")
+        if bool(attention_mask.all()):  # nothing padded: the cheap paths below apply
+            attention_mask = None
+    if attention_mask is None and S == past + T:
+        if T == 1:
+            return None, False  # one query sees everything stored
+        if past == 0:
+            return None, True
+    q_pos = torch.arange(past, past + T, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        keep = torch.zeros(B, S, dtype=torch.bool, device=device)
+        keep[:, : past + T] = attention_mask.to(device=device).bool()
+        allowed = allowed & keep[:, None, None, :]  # (B, 1, T, S)
+    return allowed, False
+
+
+def encoder_mask_4d(mask):
+    """(B, S_enc) 0/1 mask -> boolean (B, 1, 1, S_enc); a 4-D mask passes through."""
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask.bool()[:, None, None, :]
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    """Token + position embeddings, n_layer blocks, final layer norm."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    @property
+    def base_model(self):
+        return self
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+        cache=None,
+    ):
+        cfg = self.config
+        if cache is not None:  # transformers 5 spells past_key_values `cache`
+            past_key_values = cache
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            input_shape = input_ids.shape
+            input_ids = input_ids.reshape(-1, input_shape[-1])  # (B, T); extra leading dims folded in
+            B, T = input_ids.shape
+            device = input_ids.device
+        else:
+            input_shape = inputs_embeds.shape[:-1]
+            B, T = inputs_embeds.shape[0], inputs_embeds.shape[1]
+            device = inputs_embeds.device
+        if T == 0:
+            raise ValueError("The input has no tokens: pass at least one token id.")
+
+        cache_obj = _resolve_cache(past_key_values, use_cache, cfg)
+        past = cache_obj.get_seq_length() if cache_obj is not None else 0
+
+        if position_ids is None:
+            if past + T > cfg.n_positions:
+                raise ValueError(f"The sequence would be {past + T} tokens long ({past} cached + {T} new), but this model "
+                                 f"has n_positions={cfg.n_positions} position embeddings. Shorten the input.")
+            position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
+        else:
+            position_ids = position_ids.reshape(-1, T)
+            if not torch.compiler.is_compiling() and (bool((position_ids >= cfg.n_positions).any()) or bool((position_ids < 0).any())):
+                raise ValueError(f"position_ids must lie in [0, {cfg.n_positions - 1}] (n_positions={cfg.n_positions}); "
+                                 f"got values from {int(position_ids.min())} to {int(position_ids.max())}.")
+        if input_ids is not None and not torch.compiler.is_compiling():
+            if bool((input_ids >= cfg.vocab_size).any()) or bool((input_ids < 0).any()):
+                raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (vocab_size); got values from "
+                                 f"{int(input_ids.min())} to {int(input_ids.max())}.")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        x = inputs_embeds + self.wpe(position_ids)
+        if token_type_ids is not None:  # GPT-2 embeds segment ids with the token table
+            x = x + self.wte(token_type_ids.reshape(-1, T))
+        x = self.drop(x)
+
+        S = past + T
+        if isinstance(cache_obj, StaticCache) and cache_obj.fixed_shape:
+            S = cache_obj.max_cache_len
+        if cache_position is None and isinstance(cache_obj, StaticCache) and cache_obj.fixed_shape:
+            cache_position = torch.arange(past, past + T, device=device)
+        mask, is_causal = self_attention_mask(attention_mask, B, T, past, S, device)
+        enc_mask = None
+        if encoder_hidden_states is not None:
+            enc_mask = encoder_mask_4d(encoder_attention_mask)
+
+        hidden_states = () if output_hidden_states else None
+        attentions = () if output_attentions else None
+        cross_attentions = () if output_attentions and cfg.add_cross_attention else None
+        for block in self.h:
+            if output_hidden_states:
+                hidden_states += (x,)
+            x, probs, cross_probs = block(x, cache=cache_obj, cache_position=cache_position, mask=mask,
+                                          is_causal=is_causal, encoder_hidden_states=encoder_hidden_states,
+                                          encoder_mask=enc_mask, output_attentions=output_attentions)
+            if output_attentions:
+                attentions += (probs,)
+                if cross_attentions is not None:
+                    cross_attentions += (cross_probs,)
+        x = self.ln_f(x)
+        x = x.view(*input_shape, x.shape[-1])
+        if output_hidden_states:
+            hidden_states += (x,)
+
+        out = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=x,
+            past_key_values=cache_obj if use_cache else None,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            cross_attentions=cross_attentions,
+        )
+        return out if return_dict else out.to_tuple()

@@ -1,0 +1,166 @@
+"""GPT-2 byte-level BPE: the algorithm, in plain Python, plus an optional tiktoken engine.
+
+How GPT-2 turns text into ids:
+
+1. Pre-tokenize: split the text with PATTERN into "words" (a letter run with at most one leading
+   space, a digit run, a punctuation run, whitespace). The pieces cover the text exactly.
+2. Each word becomes its UTF-8 bytes, and BPE merges adjacent symbols, always the pair with the
+   lowest merge rank (the line number in merges.txt), until no ranked pair is left.
+3. Each final symbol (a byte string) is a vocabulary entry and so an id.
+
+vocab.json and merges.txt spell bytes as printable characters (`bytes_to_unicode`, so that a space
+is "Ġ"); this module maps them back to real bytes once at load time and then works on bytes only,
+which spares a per-character translation of every word.
+
+Both engines expose the same three things: `encode_ordinary(text)` (no special-token parsing),
+`token_bytes` (id -> bytes) and `bytes_to_id`.
+"""
+from __future__ import annotations
+
+from itertools import chain, islice
+
+import regex
+
+# GPT-2's pre-tokenization pattern, as released by OpenAI (and used by tiktoken and transformers).
+PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_SPLIT = regex.compile(PATTERN)
+
+_BYTE = [bytes([b]) for b in range(256)]
+_INF = float("inf")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of GPT-2's files: printable Latin-1 bytes stand for
+    themselves, the other 68 bytes (controls, space, ...) are shifted to U+0100 and up."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_ENCODER = bytes_to_unicode()
+BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
+
+
+def token_to_bytes(token: str) -> bytes:
+    """A vocabulary string ("Ġworld") -> its bytes (b" world"). KeyError if it is not byte-level."""
+    return bytes(BYTE_DECODER[c] for c in token)
+
+
+def bytes_to_token(data: bytes) -> str:
+    return "".join(BYTE_ENCODER[b] for b in data)
+
+
+class PythonBPE:
+    """Byte-level BPE in plain Python with a bounded per-word cache.
+
+    The cache maps a pre-tokenized word (str) to its tuple of ids. When it reaches `cache_size`
+    entries the oldest half is dropped (dicts keep insertion order), which keeps memory bounded on
+    endless streams while hot words stay.
+    """
+
+    cache_size = 1 << 18
+
+    def __init__(self, bytes_to_id: dict[bytes, int], merges: list[tuple[bytes, bytes]]):
+        self.bytes_to_id = bytes_to_id
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        words = _SPLIT.findall(text)
+        cache = self._cache
+        try:  # warm path: every word cached, the whole lookup runs in C
+            return list(chain.from_iterable(map(cache.__getitem__, words)))
+        except KeyError:
+            pass
+        out: list[int] = []
+        get, bpe = cache.get, self._encode_word
+        for w in words:
+            ids = get(w)
+            out += ids if ids is not None else bpe(w)
+        return out
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        data = word.encode("utf-8")
+        whole = self.bytes_to_id.get(data)
+        if whole is not None:  # most words are one token; tiktoken takes the same shortcut
+            ids: tuple[int, ...] = (whole,)
+        else:
+            ids = tuple(map(self.bytes_to_id.__getitem__, self.merge(list(map(_BYTE.__getitem__, data)))))
+        cache = self._cache
+        if len(cache) >= self.cache_size:
+            for key in list(islice(cache, len(cache) // 2)):
+                del cache[key]
+        cache[word] = ids
+        return ids
+
+    def merge(self, parts: list[bytes]) -> list[bytes]:
+        """Apply ranked merges to a list of byte symbols until none applies."""
+        ranks_get = self.ranks.get
+        while len(parts) > 1:
+            pairs = list(zip(parts, parts[1:]))
+            scores = [ranks_get(p, _INF) for p in pairs]
+            best = min(scores)
+            if best == _INF:
+                break
+            first, second = pairs[scores.index(best)]
+            merged, out, i, n = first + second, [], 0, len(parts)
+            while i < n:  # merge every occurrence of the best pair, left to right
+                if i < n - 1 and parts[i] == first and parts[i + 1] == second:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            parts = out
+        return parts
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+def tiktoken_available() -> bool:
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TiktokenBPE:
+    """The same BPE run by tiktoken's Rust core, built offline from the vocabulary.
+
+    tiktoken merges by the rank of the merged bytes; GPT-2's ids are exactly those ranks (id = 256 +
+    merge line for every merged token), so this equals the ranked-merge algorithm above; the tests
+    hold both against each other on several MB of text.
+    """
+
+    def __init__(self, bytes_to_id: dict[bytes, int], name: str = "gpt2kit-gpt2"):
+        import tiktoken
+
+        self.bytes_to_id = bytes_to_id
+        self.encoding = tiktoken.Encoding(name, pat_str=PATTERN, mergeable_ranks=bytes_to_id, special_tokens={})
+        self.encode_ordinary = self.encoding.encode_ordinary
+        self.encode_ordinary_batch = self.encoding.encode_ordinary_batch
+
+    def clear_cache(self) -> None:  # tiktoken keeps no per-word cache
+        pass
+
+
+def read_merges(lines) -> list[tuple[bytes, bytes]]:
+    """merges.txt lines (a "#version" header, then "a b" per line) -> byte pairs in rank order."""
+    merges = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if not line or line.startswith("#version"):
+            continue
+        a, sep, b = line.partition(" ")
+        if not sep or " " in b:
+            raise ValueError(f"Malformed merges line {line!r}: expected two symbols separated by one space.")
+        merges.append((token_to_bytes(a), token_to_bytes(b)))
+    return merges
