@@ -19,11 +19,47 @@ from __future__ import annotations
 
 from itertools import chain, islice
 
+import re
+
 import regex
 
 # GPT-2's pre-tokenization pattern, as released by OpenAI (and used by tiktoken and transformers).
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _SPLIT = regex.compile(PATTERN)
+# The same pattern for pure-ASCII text, where letters are A-Za-z, digits 0-9 and whitespace the six
+# ASCII White_Space characters (not \x1c-\x1f, which str.isspace counts). The stdlib `re` runs it
+# about twice as fast as `regex` runs the Unicode pattern.
+_ASCII_SPLIT = re.compile(
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^ \t\n\r\x0b\x0cA-Za-z0-9]+"""
+    r"""|[ \t\n\r\x0b\x0c]+(?![^ \t\n\r\x0b\x0c])|[ \t\n\r\x0b\x0c]+""")
+_CHUNK = 8192
+
+
+def split_words(text: str) -> list[str]:
+    """Pre-tokenize `text` with PATTERN.
+
+    Mostly-ASCII text is cut into chunks at a newline that follows a printable non-space ASCII
+    character; no piece of the pattern crosses such a point (a piece holding a non-space character
+    never continues into whitespace), so each chunk can be split on its own, and ASCII chunks take
+    the fast pattern."""
+    if text.isascii():
+        return _ASCII_SPLIT.findall(text)
+    n = len(text)
+    if n <= _CHUNK:
+        return _SPLIT.findall(text)
+    words: list[str] = []
+    start = 0
+    while start < n:
+        end = text.find("\n", start + _CHUNK)
+        while end > 0 and not ("!" <= text[end - 1] <= "~"):
+            end = text.find("\n", end + 1)
+        if end < 0:
+            end = n
+        chunk = text[start:end]
+        words += (_ASCII_SPLIT if chunk.isascii() else _SPLIT).findall(chunk)
+        start = end
+    return words
+
 
 _BYTE = [bytes([b]) for b in range(256)]
 _INF = float("inf")
@@ -72,7 +108,7 @@ class PythonBPE:
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def encode_ordinary(self, text: str) -> list[int]:
-        words = _SPLIT.findall(text)
+        words = split_words(text)
         cache = self._cache
         try:  # warm path: every word cached, the whole lookup runs in C
             return list(chain.from_iterable(map(cache.__getitem__, words)))

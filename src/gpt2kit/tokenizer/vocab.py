@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
-
-from gpt2kit.utils import atomic_write_text
 
 ASSETS = Path(__file__).with_name("assets")
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
@@ -81,11 +80,21 @@ def _read_json(path) -> dict:
         return json.load(f)
 
 
+def read_merges_file(path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [ln.rstrip("\r\n") for ln in f if ln.strip() and not ln.startswith("#version")]
+
+
 def read_vocab_merges(vocab_file, merges_file) -> tuple[dict[str, int], list[str]]:
-    vocab = _read_json(vocab_file)
-    with open(merges_file, encoding="utf-8") as f:
-        merges = [ln.rstrip("\r\n") for ln in f if ln.strip() and not ln.startswith("#version")]
-    return vocab, merges
+    """Parsed files, cached by path and mtime: tokenizers over the same files then share one parsed
+    copy and one BPE engine (see base._engine), so a second load costs nothing."""
+    vocab_file, merges_file = os.path.abspath(vocab_file), os.path.abspath(merges_file)
+    return _read_cached(vocab_file, merges_file, os.path.getmtime(vocab_file), os.path.getmtime(merges_file))
+
+
+@lru_cache(maxsize=4)
+def _read_cached(vocab_file, merges_file, *_mtimes):
+    return _read_json(vocab_file), read_merges_file(merges_file)
 
 
 def read_tokenizer_json(path) -> tuple[dict[str, int], list[str], list[tuple[int, AddedToken]], dict]:
@@ -165,12 +174,16 @@ def write_vocabulary(directory, vocab: dict[str, int], merges: list[str], prefix
     stem = f"{prefix}-" if prefix else ""
     vocab_path = os.path.join(directory, stem + VOCAB_FILE)
     merges_path = os.path.join(directory, stem + MERGES_FILE)
+    from gpt2kit.utils import atomic_write_text  # imported here: gpt2kit.utils imports torch
+
     atomic_write_text(vocab_path, json.dumps(vocab, ensure_ascii=False))
     atomic_write_text(merges_path, "#version: 0.2\n" + "".join(m + "\n" for m in merges))
     return vocab_path, merges_path
 
 
 def write_config(directory, config: dict) -> str:
+    from gpt2kit.utils import atomic_write_text
+
     path = os.path.join(directory, CONFIG_FILE)
     atomic_write_text(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return path
