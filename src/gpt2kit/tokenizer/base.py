@@ -90,11 +90,12 @@ class GPT2Tokenizer:
 
     # ------------------------------------------------------------------ vocabulary and added tokens
     def _register(self, token: AddedToken, id_: int | None = None) -> bool:
-        """Make `token` an added token; True if it got a new id."""
+        """Make `token` an added token; True if it was not one yet (as transformers counts, even when
+        the string is already in vocab.json: it is then matched before BPE under its existing id)."""
         if id_ is None:
             id_ = self._token_id(token.content)
             id_ = len(self) if id_ is None else id_
-        new = id_ not in self._id_to_token
+        new = token.content not in self._added_ids
         self._added[id_] = token
         self._added_ids[token.content] = id_
         self._id_to_token[id_] = token.content
@@ -219,6 +220,8 @@ class GPT2Tokenizer:
                 spans.append((start, end))
                 continue
             seg = text[start:end]
+            if not seg:  # an empty text gets no prefix space either
+                continue
             shifted = prefix and not seg.startswith(" ")
             seg_ids = self._engine.encode_ordinary(" " + seg if shifted else seg)
             ids += seg_ids

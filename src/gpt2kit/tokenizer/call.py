@@ -75,7 +75,7 @@ def tokenizer_call(self, text=None, text_pair=None, *, add_special_tokens=True, 
                    split_special_tokens=None) -> BatchEncoding:
     """Tokenize a str, a list of str, pairs, or pre-split words, as transformers' tokenizer call."""
     if text is None:
-        raise ValueError("Nothing to tokenize: pass text (a str or a list of str).")
+        raise TypeError("Expected text as str, got None: pass a str, a list of str, or (text, text_pair).")
     if stride or return_overflowing_tokens:
         raise NotImplementedError("stride / return_overflowing_tokens are not supported; split long texts yourself.")
     prefix = self.add_prefix_space if add_prefix_space is None else add_prefix_space

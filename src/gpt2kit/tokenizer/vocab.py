@@ -155,13 +155,15 @@ def resolve_source(name_or_path, *, cache_dir=None, revision=None, local_files_o
         return resolve_file(name, filename, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only,
                             token=token, subfolder=subfolder, required=False)
 
-    if not os.path.isdir(name):  # fail early and clearly when the Hub cannot give anything
-        for f in (VOCAB_FILE, TOKENIZER_FILE):
-            if resolve(f):
-                break
-        else:
-            resolve_file(name, VOCAB_FILE, cache_dir=cache_dir, revision=revision, local_files_only=local_files_only,
-                         token=token, subfolder=subfolder, required=True)
+    if not os.path.isdir(name) and not any(resolve(f) for f in (VOCAB_FILE, TOKENIZER_FILE)):
+        from gpt2kit.weights.hub import ModelNotFoundError, is_offline
+
+        why = ("offline mode is on (local_files_only / HF_HUB_OFFLINE) and they are not in the local cache"
+               if local_files_only or is_offline() else "the Hub repo has none or cannot be reached")
+        raise ModelNotFoundError(
+            f"Cannot load a tokenizer for {name!r}: no vocab.json + merges.txt or tokenizer.json ({why}). "
+            f"Pass a local directory instead (one written by save_pretrained, holding vocab.json + merges.txt "
+            f"or tokenizer.json); {', '.join(sorted(BUNDLED))} load offline from the bundled vocabulary.")
     return name, resolve, None
 
 
