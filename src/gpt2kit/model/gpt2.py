@@ -156,6 +156,20 @@ class GPT2PreTrainedModel(nn.Module):
 
         save_pretrained(self, save_directory, **kwargs)
 
+    @property
+    def generation_config(self):
+        """The model's default generation settings (from generation_config.json, else from the config)."""
+        cfg = self.__dict__.get("_generation_config")
+        if cfg is None:
+            from ..generation.config import GenerationConfig
+
+            cfg = self.__dict__["_generation_config"] = GenerationConfig.from_model_config(self.config)
+        return cfg
+
+    @generation_config.setter
+    def generation_config(self, value):
+        self.__dict__["_generation_config"] = value
+
     def generate(self, *args, **kwargs):
         """Generate token ids; see gpt2kit.generation (the engine works on token ids only)."""
         from ..generation.engine import generate
