@@ -204,3 +204,19 @@ def test_head_gradients_match_transformers():
     grads = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         close(p.grad, grads[name].grad)
+
+
+def test_double_heads_generates_like_the_lm_head():
+    """The double-heads model keeps the LM head's job: generate() and logits_to_keep work on it."""
+    from gpt2kit import GPT2LMHeadModel
+
+    hf, ours = twin(GPT2DoubleHeadsModel, transformers.GPT2DoubleHeadsModel)
+    lm = GPT2LMHeadModel(ours.config).eval()
+    lm.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("multiple_choice_head.")})
+    x = ids(1, 5)
+    assert torch.equal(ours.generate(x, max_new_tokens=4, do_sample=False), lm.generate(x, max_new_tokens=4, do_sample=False))
+    full, last = ours(x[None]), ours(x[None], logits_to_keep=1)
+    close(last.logits, full.logits[..., -1:, :])
+    close(last.mc_logits, full.mc_logits)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        ours(x[None], labels=x[None], logits_to_keep=1)

@@ -94,15 +94,20 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, mc_token_ids=None, labels=None, mc_labels=None, use_cache=None,
-                output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None, cache=None):
+                output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None, cache=None,
+                logits_to_keep=0):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if attention_mask is not None and 2 < attention_mask.dim() < 4:  # (B, C, T) -> (B*C, T), like input_ids
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
         body = _run_body(self, input_ids, past_key_values if cache is None else cache, attention_mask, token_type_ids,
                          position_ids, inputs_embeds, use_cache, output_attentions, output_hidden_states, cache_position)
         hidden = body.last_hidden_state  # (B, C, T, H)
-        logits = self.lm_head(hidden)  # (B, C, T, V)
-        mc_logits = self.multiple_choice_head(hidden, mc_token_ids).squeeze(-1)  # (B, C)
+        if logits_to_keep != 0 and labels is not None:
+            raise ValueError("labels need logits for every position: leave logits_to_keep at 0 when passing labels.")
+        kept = hidden if isinstance(logits_to_keep, int) and logits_to_keep == 0 else (
+            hidden[..., -logits_to_keep:, :] if isinstance(logits_to_keep, int) else hidden[..., logits_to_keep, :])
+        logits = self.lm_head(kept)  # (B, C, T_kept, V); logits_to_keep serves generate()
+        mc_logits = self.multiple_choice_head(hidden, mc_token_ids).squeeze(-1)  # (B, C) for cls_index
         mc_loss = None
         if mc_labels is not None:
             mc_loss = F.cross_entropy(mc_logits.reshape(-1, mc_logits.shape[-1]).float(),
