@@ -118,6 +118,8 @@ def test_question_answering_matches_transformers(attn):
     s = torch.tensor([9, 12, 40])
     assert torch.isnan(hf(x, start_positions=s, end_positions=s).loss)
     assert torch.isnan(ours(x, start_positions=s, end_positions=s).loss)
+    with pytest.raises(ValueError, match="both start_positions and end_positions"):
+        ours(x, start_positions=s)  # the reference silently returns no loss here
 
 
 # -- sequence classification -----------------------------------------------------------------------

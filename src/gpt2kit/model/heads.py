@@ -139,7 +139,9 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
                          False, output_attentions, output_hidden_states)  # no cache: nothing decodes after this
         start_logits, end_logits = self.qa_outputs(body.last_hidden_state).unbind(-1)  # 2 x (B, T)
         loss = None
-        if start_positions is not None and end_positions is not None:
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("The span loss needs both start_positions and end_positions; pass both (or neither).")
+        if start_positions is not None:
             loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         out = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits.contiguous(),
                                            end_logits=end_logits.contiguous(), hidden_states=body.hidden_states,
