@@ -212,6 +212,9 @@ class GPT2Config:
                             local_files_only=local_files_only, token=token, subfolder=subfolder)
         config = cls.from_json_file(path)
         unused = {}
+        if "id2label" in kwargs:  # a new label set: ids are ints, label2id follows unless given too
+            kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+            kwargs.setdefault("label2id", {v: k for k, v in kwargs["id2label"].items()})
         for key, value in kwargs.items():
             if key in config.__dict__ or key in cls.attribute_map or key in ("num_labels", "attn_implementation"):
                 if key == "attn_implementation":

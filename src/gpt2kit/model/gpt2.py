@@ -76,8 +76,11 @@ class GPT2PreTrainedModel(nn.Module):
         if head is not None and self.config.tie_word_embeddings:
             head.weight = self.base_model.wte.weight
 
-    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None) -> nn.Embedding:
-        """Grow or shrink the vocabulary; new rows get GPT-2's initialisation, old rows are kept."""
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or shrink the vocabulary, keeping the old rows. New rows start, as in transformers 5, near the
+        mean of the old embeddings (mean_resizing=True: drawn from N(mean, 1e-9 * covariance), which keeps
+        the new tokens' logits close to the average instead of random), or from GPT-2's N(0, initializer_range)."""
         wte = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return wte
@@ -91,12 +94,16 @@ class GPT2PreTrainedModel(nn.Module):
         nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
         keep = min(n, old.shape[0])
         new.weight.data[:keep] = old[:keep]
+        if mean_resizing and n > old.shape[0]:
+            new.weight.data[keep:] = _rows_near_mean(old, n - keep)
         self.base_model.wte = new
         head = self.get_output_embeddings()
         if head is not None and not self.config.tie_word_embeddings:
             new_head = nn.Linear(head.in_features, n, bias=head.bias is not None, device=old.device, dtype=head.weight.dtype)
             nn.init.normal_(new_head.weight, mean=0.0, std=self.config.initializer_range)
             new_head.weight.data[:keep] = head.weight.data[:keep]
+            if mean_resizing and n > keep:
+                new_head.weight.data[keep:] = _rows_near_mean(head.weight.data, n - keep)
             self.lm_head = new_head
         elif head is not None:
             head.out_features = n
@@ -179,6 +186,19 @@ class GPT2PreTrainedModel(nn.Module):
     def set_attn_implementation(self, name: str) -> None:
         self.config._attn_implementation = name
         self.config.validate()
+
+
+def _rows_near_mean(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rows drawn from N(mean, 1e-9 * cov) of `weight`'s rows (the mean itself when cov is singular)."""
+    w = weight.float()  # (V, C)
+    mean = w.mean(0)
+    centered = w - mean
+    cov = centered.T @ centered / w.shape[0] * 1e-9  # (C, C)
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:
+        return mean.expand(count, -1).to(weight.dtype)
+    noise = torch.randn(count, w.shape[1], device=w.device) @ chol.T
+    return (mean + noise).to(weight.dtype)
 
 
 def _resolve_cache(past_key_values, use_cache: bool, config) -> Cache | None:
