@@ -125,9 +125,13 @@ class PythonBPE:
         data = word.encode("utf-8")
         whole = self.bytes_to_id.get(data)
         if whole is not None:  # most words are one token; tiktoken takes the same shortcut
-            ids: tuple[int, ...] = (whole,)
-        else:
-            ids = tuple(map(self.bytes_to_id.__getitem__, self.merge(list(map(_BYTE.__getitem__, data)))))
+            return self._store(word, (whole,))
+        return self._store(word, tuple(map(self.bytes_to_id.__getitem__, self._merge_piece(data))))
+
+    def _merge_piece(self, data: bytes) -> list[bytes]:
+        return self.merge(list(map(_BYTE.__getitem__, data)))
+
+    def _store(self, word: str, ids: tuple[int, ...]) -> tuple[int, ...]:
         cache = self._cache
         if len(cache) >= self.cache_size:
             for key in list(islice(cache, len(cache) // 2)):
@@ -168,24 +172,27 @@ def tiktoken_available() -> bool:
     return True
 
 
-class TiktokenBPE:
-    """The same BPE run by tiktoken's Rust core, built offline from the vocabulary.
+class TiktokenBPE(PythonBPE):
+    """The same BPE with tiktoken's Rust core merging the cache misses, built offline from the vocabulary.
 
-    tiktoken merges by the rank of the merged bytes; GPT-2's ids are exactly those ranks (id = 256 +
-    merge line for every merged token), so this equals the ranked-merge algorithm above; the tests
-    hold both against each other on several MB of text.
+    Measured on this machine, tiktoken's own pre-tokenizer (a backtracking regex) is slower than
+    `split_words` plus the word cache, so only the per-word merge is delegated; `encode_ordinary`
+    and the cache are PythonBPE's. tiktoken merges by the rank of the merged bytes; GPT-2's ids are
+    exactly those ranks (id = 256 + merge line), so this equals the ranked-merge algorithm; the tests
+    hold both against tiktoken's full encoder on several MB of text.
     """
 
     def __init__(self, bytes_to_id: dict[bytes, int], name: str = "gpt2kit-gpt2"):
         import tiktoken
 
-        self.bytes_to_id = bytes_to_id
+        super().__init__(bytes_to_id, [])
         self.encoding = tiktoken.Encoding(name, pat_str=PATTERN, mergeable_ranks=bytes_to_id, special_tokens={})
-        self.encode_ordinary = self.encoding.encode_ordinary
-        self.encode_ordinary_batch = self.encoding.encode_ordinary_batch
+        self._merge_piece = self.encoding._core_bpe.encode_single_piece
 
-    def clear_cache(self) -> None:  # tiktoken keeps no per-word cache
-        pass
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        data = word.encode("utf-8")
+        whole = self.bytes_to_id.get(data)
+        return self._store(word, (whole,) if whole is not None else tuple(self._merge_piece(data)))
 
 
 def read_merges(lines) -> list[tuple[bytes, bytes]]:

@@ -1,8 +1,8 @@
 """GPT2TokenizerFast and AutoTokenizer.
 
-GPT2TokenizerFast is GPT2Tokenizer with the plain-text BPE step run by tiktoken (the `fast` extra),
-built offline from the same vocabulary; everything around it (added tokens, offsets, padding,
-decoding) is the shared code, so both classes give the same ids by construction. Without tiktoken it
+GPT2TokenizerFast is GPT2Tokenizer with the BPE merges of new words run by tiktoken's Rust core (the
+`fast` extra), built offline from the same vocabulary (bpe.TiktokenBPE says why only that step).
+Everything around it (added tokens, offsets, padding, decoding) is the shared code, so both classes give the same ids by construction. Without tiktoken it
 falls back to the pure-Python engine.
 """
 from __future__ import annotations
@@ -13,16 +13,6 @@ from .bpe import tiktoken_available
 
 class GPT2TokenizerFast(GPT2Tokenizer):
     engine_kind = "tiktoken" if tiktoken_available() else "python"
-
-    def _encode_many(self, texts, split_special, prefix):
-        splitter = self._splitters[bool(self.split_special_tokens if split_special is None else split_special)]
-        prefix = self.add_prefix_space if prefix is None else prefix
-        batch = getattr(self._engine, "encode_ordinary_batch", None)
-        # tiktoken's batch call runs on threads; it applies when no text needs added-token splitting
-        if batch is None or prefix or len(texts) < 2 or not all(isinstance(t, str) for t in texts) or (
-                splitter is not None and (splitter[1] is None or any(c in t for t in texts for c in splitter[1]))):
-            return super()._encode_many(texts, split_special, prefix)
-        return batch(texts)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """ids of many texts at once (special tokens parsed, no padding): the fastest bulk path."""
