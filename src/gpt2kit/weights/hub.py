@@ -73,21 +73,20 @@ def resolve_file(
             local_files_only=offline,
             token=token,
         )
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"{filename!r} does not exist in Hub repo {name!r} (revision {revision or 'main'}).")
-        return None
-    except RepositoryNotFoundError as e:
-        raise ModelNotFoundError(f"{name!r} is neither a local directory nor a Hub repo. {_local_hint(name)}") from e
+    # a cache miss while offline is a LocalEntryNotFoundError, a subclass of EntryNotFoundError: test it first
     except LocalEntryNotFoundError as e:
-        if not required and not offline:
-            return None
         why = "offline mode is on (local_files_only / HF_HUB_OFFLINE)" if offline else "the Hub cannot be reached"
         if not required:
             return None
         raise ModelNotFoundError(
             f"Cannot load {filename!r} for {name!r}: {why} and it is not in the local cache. {_local_hint(name)}"
         ) from e
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"{filename!r} does not exist in Hub repo {name!r} (revision {revision or 'main'}).")
+        return None
+    except RepositoryNotFoundError as e:
+        raise ModelNotFoundError(f"{name!r} is neither a local directory nor a Hub repo. {_local_hint(name)}") from e
     except Exception as e:  # network errors come in many types (requests, httpx, OSError)
         if not required:
             return None
