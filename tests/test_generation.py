@@ -1,0 +1,205 @@
+"""generate() against transformers' on the same random weights: greedy and beam search token for token
+(single prompts and left-padded batches, dynamic and static caches), scores and logits, each padded row
+as it gives alone, finished rows leaving the batch, reproducible sampling, and the length checks."""
+import pytest
+import torch
+import transformers
+
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.generation import runner as runner_mod
+from model_helpers import twin
+
+CONFIGS = {
+    "tiny-sdpa": dict(attn="sdpa"),
+    "tiny-eager": dict(attn="eager"),
+    "mistral-flags": dict(attn="eager", scale_attn_by_inverse_layer_idx=True, reorder_and_upcast_attn=True),
+    "one-layer-gelu": dict(attn="sdpa", n_layer=1, n_head=2, activation_function="gelu"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    cfg = dict(CONFIGS[request.param])
+    return twin(GPT2LMHeadModel, transformers.GPT2LMHeadModel, attn=cfg.pop("attn"), **cfg)
+
+
+@pytest.fixture(scope="module")
+def sdpa_pair():
+    return twin(GPT2LMHeadModel, transformers.GPT2LMHeadModel, attn="sdpa", seed=3)
+
+
+def prompts(batch=3, length=8, seed=2):
+    """A left-padded batch: row 0 has 3 pads, row 1 one, the rest none (pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 101, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    if batch > 1:
+        mask[1, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def eos_that_fires(model, ids, mask, step=3, row=0):
+    """A token greedy decoding emits at `step` in `row`, so that using it as eos really ends that row."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=step + 1, pad_token_id=0)
+    return int(out[row, ids.shape[1] + step])
+
+
+def both(hf, ours, ids, **kw):
+    torch.manual_seed(0)
+    a = hf.generate(ids, **kw)
+    b = ours.generate(ids, **kw)
+    return a, b
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_greedy_matches_transformers(pair, cache):
+    hf, ours = pair
+    ids, mask = prompts()
+    eos = eos_that_fires(hf, ids, mask)
+    for kw in (dict(max_new_tokens=12), dict(max_new_tokens=14, eos_token_id=eos),
+               dict(max_new_tokens=14, eos_token_id=[eos, 7], min_new_tokens=5),
+               dict(max_new_tokens=10, repetition_penalty=1.4, no_repeat_ngram_size=2, bad_words_ids=[[5], [9, 11]])):
+        kw = dict(kw, pad_token_id=0, cache_implementation=cache)
+        a, b = both(hf, ours, ids[2:], **kw)  # one unpadded prompt
+        assert torch.equal(a, b), kw
+        a, b = both(hf, ours, ids, attention_mask=mask, **kw)
+        assert torch.equal(a, b), kw
+
+
+@pytest.mark.parametrize("beams,length_penalty,early_stopping,nrs,cache", [
+    (2, 1.0, False, 1, "static"), (3, 0.5, True, 2, "dynamic"), (4, 2.0, "never", 4, "static"),
+    (3, -1.0, False, 3, None),
+])
+def test_beam_search_matches_transformers(pair, beams, length_penalty, early_stopping, nrs, cache):
+    hf, ours = pair
+    ids, mask = prompts()
+    eos = eos_that_fires(hf, ids, mask, step=2, row=1)
+    kw = dict(max_new_tokens=9, num_beams=beams, length_penalty=length_penalty, early_stopping=early_stopping,
+              num_return_sequences=nrs, eos_token_id=eos, pad_token_id=0, cache_implementation=cache,
+              return_dict_in_generate=True, output_scores=True)
+    a, b = both(hf, ours, ids, attention_mask=mask, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(b.sequences_scores, a.sequences_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(b.beam_indices, a.beam_indices.long())
+    a1, b1 = both(hf, ours, ids[2:], **kw)
+    assert torch.equal(a1.sequences, b1.sequences)
+
+
+def test_scores_and_logits_match(sdpa_pair):
+    hf, ours = sdpa_pair
+    ids, mask = prompts()
+    kw = dict(max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, output_scores=True, output_logits=True,
+              repetition_penalty=1.2)
+    a, b = both(hf, ours, ids, attention_mask=mask, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(b.scores) == len(b.logits) == 6
+    for x, y in zip(a.scores + a.logits, b.scores + b.logits):
+        assert y.dtype == torch.float32 and y.shape == x.shape
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    # the cache comes back and holds every fed position
+    assert b.past_key_values is b.cache and b.past_key_values.get_seq_length() == ids.shape[1] + 5
+
+
+def test_each_padded_row_gives_what_it_gives_alone(sdpa_pair):
+    _, ours = sdpa_pair
+    ids, mask = prompts(batch=4, length=9)
+    for kw in (dict(max_new_tokens=8), dict(max_new_tokens=8, num_beams=3)):
+        batch = ours.generate(ids, attention_mask=mask, pad_token_id=0, **kw)
+        for r in range(ids.shape[0]):
+            pads = int((mask[r] == 0).sum())
+            alone = ours.generate(ids[r:r + 1, pads:], pad_token_id=0, **kw)
+            assert torch.equal(batch[r, pads:], alone[0]), (kw, r)
+
+
+def test_finished_rows_leave_the_batch(sdpa_pair, monkeypatch):
+    hf, ours = sdpa_pair
+    ids, mask = prompts(batch=4)
+    eos = eos_that_fires(hf, ids, mask, step=1, row=0)
+    sizes = []
+    real_step = runner_mod.FastRunner.step
+
+    def counting_step(self, tokens, positions):
+        sizes.append(tokens.shape[0])
+        return real_step(self, tokens, positions)
+
+    monkeypatch.setattr(runner_mod.FastRunner, "step", counting_step)
+    a, b = both(hf, ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(a, b)
+    assert sizes[0] == 4 and min(sizes) < 4, sizes  # the finished row stopped costing compute
+
+
+def test_sampling_is_reproducible(sdpa_pair):
+    _, ours = sdpa_pair
+    ids, mask = prompts()
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, temperature=0.8,
+              pad_token_id=0)
+    a = ours.generate(ids, seed=1234, **kw)
+    b = ours.generate(ids, seed=1234, **kw)
+    c = ours.generate(ids, seed=99, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(ours.generate(ids, generator=g1, **kw), ours.generate(ids, generator=g2, **kw))
+    torch.manual_seed(5)
+    d = ours.generate(ids, **kw)
+    torch.manual_seed(5)
+    assert torch.equal(d, ours.generate(ids, **kw))  # the global seed (set_seed) works too
+    many = ours.generate(ids, seed=3, num_return_sequences=3, **kw)
+    assert many.shape == (9, ids.shape[1] + 10)
+    assert torch.equal(many[0, :ids.shape[1]], ids[0]) and torch.equal(many[2, :ids.shape[1]], ids[0])
+    beams = ours.generate(ids, seed=3, num_beams=2, **kw)  # beam sampling
+    assert beams.shape == (3, ids.shape[1] + 10)
+
+
+def test_sampling_follows_the_processed_distribution():
+    """With top_k=1 sampling must pick the argmax; with no_repeat_ngram_size=1 no token comes twice."""
+    _, ours = twin(GPT2LMHeadModel, transformers.GPT2LMHeadModel, attn="sdpa", seed=1)
+    ids, mask = prompts()
+    greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0)
+    sampled = ours.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0, do_sample=True, top_k=1, seed=0)
+    assert torch.equal(greedy, sampled)
+    out = ours.generate(ids[2:], max_new_tokens=20, do_sample=True, seed=0, no_repeat_ngram_size=1, pad_token_id=0)
+    new = out[0, ids.shape[1]:].tolist()
+    assert len(set(new)) == len(new) and not set(new) & set(ids[2].tolist())
+
+
+def test_length_limit_raises_before_any_work(sdpa_pair, monkeypatch):
+    _, ours = sdpa_pair
+    n = ours.config.n_positions
+
+    def no_forward(*a, **k):
+        raise AssertionError("the model ran before the length check")
+
+    monkeypatch.setattr(ours.transformer, "forward", no_forward)
+    ids = torch.ones(1, n - 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"n_positions={n}"):
+        ours.generate(ids, max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_length"):
+        ours.generate(ids, max_length=10)
+
+
+def test_default_length_and_argument_errors(sdpa_pair):
+    hf, ours = sdpa_pair
+    ids, _ = prompts(batch=1)
+    a, b = both(hf, ours, ids, pad_token_id=0)  # defaults: max_length 20 new tokens
+    assert torch.equal(a, b) and b.shape[1] == ids.shape[1] + 20
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        ours.generate(ids, num_return_sequences=2)
+    with pytest.raises(ValueError, match="do not know|does not know|not know"):
+        ours.generate(ids, max_new_token=3)
+    with pytest.raises(ValueError, match="cache_implementation"):
+        ours.generate(ids, cache_implementation="paged")
+    with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
+        ours.generate(ids, stop_strings=["x"], max_new_tokens=2)
+
+
+def test_bfloat16_generation_runs_and_mostly_agrees(sdpa_pair):
+    """bf16 weights take the same path; on these tiny random weights they track float32 closely."""
+    _, ours = sdpa_pair
+    ids, mask = prompts()
+    m16 = GPT2LMHeadModel(ours.config).eval()
+    m16.load_state_dict(ours.state_dict())
+    m16.to(torch.bfloat16)
+    out = m16.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+    ref = ours.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+    assert out.shape == ref.shape and torch.equal(out[:, :ids.shape[1]], ids)
