@@ -75,7 +75,7 @@ def plan_load(ckpt_shapes: dict, model_shapes: dict, *, prefix: str = "transform
             plan.unexpected.append(name)
             continue
         plan.rename[name] = target
-    loaded = set(plan.rename.values())
+    loaded = set(plan.rename.values()) | {name for name, _, _ in plan.mismatched}  # mismatched: reported once
     for target in model_shapes:
         if target in loaded:
             continue
