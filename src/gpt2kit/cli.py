@@ -1,0 +1,311 @@
+"""The `gpt2kit` command: generate, train, eval.
+
+    gpt2kit generate "Hello, I'm a language model"      # the embedded default model, offline
+    gpt2kit train shakespeare.txt --preset gpt2 --out runs/gpt2-shakespeare
+    torchrun --nproc_per_node 4 -m gpt2kit train ...      # data-parallel on one or more machines
+    gpt2kit eval --model runs/gpt2-shakespeare notes.txt
+
+Errors a person can cause (a missing model or file, a prompt too long, a bad flag value, an absent
+GPU) end the command with one line on stderr and a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (not the whole usage block)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; reported as one line."""
+
+
+# -- argument types that reject bad values with a clear message --------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _float_in(lo: float, hi: float, lo_open=False, hi_open=False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}, got {text}")
+        return value
+
+    return parse
+
+
+probability = _float_in(0.0, 1.0)
+positive_float = _float_in(0.0, float("inf"), lo_open=True, hi_open=True)
+fraction = _float_in(0.0, 1.0, hi_open=True)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# -- generate ---------------------------------------------------------------------------------------
+def add_generate(sub):
+    p = sub.add_parser("generate", help="continue a prompt with a GPT-2 model, streaming tokens as they come",
+                       description="Continue PROMPT (or standard input) with a GPT-2 model and stream the text as it "
+                                   "is generated. Without --model, the small default model bundled with gpt2kit is "
+                                   "used, so this works offline.")
+    p.add_argument("prompt", nargs="?", help="the text to continue; read from standard input when omitted or '-'")
+    p.add_argument("--model", "-m", help="a local model directory or a Hugging Face Hub name (e.g. openai-community/gpt2); "
+                                         "default: the embedded Shakespeare model")
+    p.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--num-return-sequences", "-n", type=positive_int, default=1, help="continuations to generate (default 1)")
+    p.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                   help="sample the next token (default: as the model's generation_config.json says; "
+                        "the embedded model samples with top-k 50)")
+    p.add_argument("--greedy", dest="do_sample", action="store_false", help="pick the most likely token every step")
+    p.add_argument("--temperature", type=positive_float, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=nonneg_int, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--typical-p", type=_float_in(0.0, 1.0, lo_open=True), help="typical sampling mass in (0, 1]")
+    p.add_argument("--min-p", type=probability, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=positive_float, help="penalty > 1 discourages repeats")
+    p.add_argument("--no-repeat-ngram-size", type=nonneg_int, help="never repeat an n-gram of this size")
+    p.add_argument("--num-beams", type=positive_int, help="beam search with this many beams (implies --greedy)")
+    p.add_argument("--seed", type=nonneg_int, help="random seed, for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(run=run_generate)
+
+
+def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
+    """(model, tokenizer, name) for --model (None: the embedded default), on --device in --dtype."""
+    import torch
+
+    from .auto import AutoModelForCausalLM
+    from .tokenizer import AutoTokenizer
+    from .training.default_model import default_model_dir
+    from .training.device import resolve_device
+
+    device = resolve_device(device_name)
+    if dtype_name == "auto":  # float32 where half precision is slow or inexact (CPU), bfloat16/float16 on GPUs
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = getattr(torch, dtype_name)
+    source = default_model_dir() if name is None else name
+    if name is not None and os.path.exists(name) and not os.path.isdir(name):
+        raise UserError(f"--model {name!r} is a file; pass the directory that holds config.json and the weights.")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):  # a model directory without tokenizer files: GPT-2's own vocabulary
+        tok = AutoTokenizer.from_pretrained("gpt2")
+    return model.eval(), tok, name or "embedded default (tinyshakespeare)"
+
+
+SAMPLING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
+                  "no_repeat_ngram_size", "num_beams")
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from .generation import TextStreamer
+    from .utils import set_seed
+
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UserError("No prompt: give it as an argument (gpt2kit generate \"Once upon a time\") or on standard input.")
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise UserError("The prompt is empty: give some text to continue.")
+    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
+    n_pos, L = model.config.n_positions, ids.shape[1]
+    if L >= n_pos:
+        raise UserError(f"The prompt is {L} tokens long, but this model reads at most {n_pos} tokens, including the ones "
+                        f"it generates. Shorten the prompt to under {n_pos} tokens.")
+    if L + args.max_new_tokens > n_pos:
+        raise UserError(f"The prompt ({L} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds this model's "
+                        f"{n_pos}-token context: use --max-new-tokens {n_pos - L} or less, or a shorter prompt.")
+    if args.seed is not None:
+        set_seed(args.seed)
+    kwargs = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    n = args.num_return_sequences
+    if "do_sample" not in kwargs and (args.num_beams or 1) == 1 and n > 1:
+        kwargs["do_sample"] = True  # several different continuations need sampling (or beams)
+    stream = not args.json and n == 1 and (args.num_beams or 1) == 1
+    streamer = None
+    if stream:
+        print(prompt, end="", flush=True)
+        streamer = TextStreamer(tok, skip_prompt=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                         num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    if stream:
+        return 0
+    texts = [tok.decode(row[L:], skip_special_tokens=True) for row in out]
+    if args.json:
+        print(json.dumps({"model": name, "prompt": prompt, "prompt_tokens": L,
+                          "generated": [{"generated_text": prompt + t, "continuation": t} for t in texts]}))
+    else:
+        for i, t in enumerate(texts):
+            if i:
+                print("\n" + "-" * 40)
+            print(prompt + t)
+    return 0
+
+
+# -- train ------------------------------------------------------------------------------------------
+def add_train(sub):
+    from .training.loop import PRESETS, TrainConfig
+
+    d = TrainConfig(files=[], out_dir="")
+    p = sub.add_parser("train", help="train or fine-tune a GPT-2 model on text files",
+                       description="Train a GPT-2 model from scratch (--preset or sizes) or fine-tune one (--model) on "
+                                   "UTF-8 text files, writing a Hugging Face model directory to --out. Run it under "
+                                   "`torchrun --nproc_per_node N -m gpt2kit train ...` for data-parallel training.")
+    p.add_argument("files", nargs="+", help="UTF-8 text files to train on")
+    p.add_argument("--out", "-o", required=True, dest="out_dir", help="run directory: model, checkpoints, log.jsonl, loss.png")
+    what = p.add_argument_group("model (one of --model, --preset, or sizes)")
+    what.add_argument("--model", "-m", help="fine-tune this checkpoint (a local directory or Hub name)")
+    what.add_argument("--preset", choices=sorted(PRESETS), help="train from scratch at a GPT-2 size")
+    what.add_argument("--n-layer", type=positive_int)
+    what.add_argument("--n-embd", type=positive_int)
+    what.add_argument("--n-head", type=positive_int)
+    what.add_argument("--n-positions", type=positive_int, help="context length of a new model (default 1024)")
+    what.add_argument("--dropout", type=fraction, help="dropout probability (default 0 from scratch; the checkpoint's when fine-tuning)")
+    data = p.add_argument_group("data")
+    data.add_argument("--val-file", action="append", default=[], dest="val_files",
+                      help="held-out text (repeatable); default: the last --val-fraction of each training file")
+    data.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
+                      help=f"fraction of each file, by bytes from its end, held out for validation (default {d.val_fraction})")
+    data.add_argument("--seq-len", type=positive_int, help="tokens per training window (default: n_positions)")
+    data.add_argument("--cache-dir", help="where tokenized text is cached (default ~/.cache/gpt2kit/tokens)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"windows per process per micro-step (default {d.batch_size})")
+    opt.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-steps per optimizer step")
+    opt.add_argument("--max-steps", type=positive_int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
+    opt.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    opt.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio, help="final lr as a fraction of the peak")
+    opt.add_argument("--warmup-steps", type=nonneg_int, help="linear warmup steps (default 5%% of --max-steps)")
+    opt.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=d.weight_decay)
+    opt.add_argument("--beta1", type=fraction, default=d.betas[0])
+    opt.add_argument("--beta2", type=fraction, default=d.betas[1])
+    opt.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=d.grad_clip, help="max gradient norm (0 = off)")
+    opt.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="autocast precision (auto: bfloat16 on CUDA, float32 on CPU)")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument("--seed", type=nonneg_int, default=d.seed)
+    opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
+    run = p.add_argument_group("evaluation, checkpoints, logs")
+    run.add_argument("--eval-every", type=nonneg_int, default=d.eval_every, help="validate every N steps (0 = only at the end)")
+    run.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per evaluation")
+    run.add_argument("--save-every", type=nonneg_int, default=d.save_every, help="checkpoint every N steps (0 = only at the end)")
+    run.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints)
+    run.add_argument("--log-every", type=positive_int, default=d.log_every)
+    run.add_argument("--save-dtype", choices=DTYPES[1:], default=d.save_dtype, help="precision of the saved model's weights")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--stop-after", type=positive_int, help=argparse.SUPPRESS)  # tests: end as a crash would
+    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar while tokenizing")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    from .training.loop import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    fields["betas"] = (args.beta1, args.beta2)
+    if args.eval_every == 0:
+        fields["eval_every"] = args.max_steps  # only at the end
+    train(TrainConfig(**fields))
+    return 0
+
+
+# -- eval -------------------------------------------------------------------------------------------
+def add_eval(sub):
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a model on a text file",
+                       description="Perplexity of a model on a UTF-8 text file by the standard sliding-window method: "
+                                   "windows of n_positions tokens advanced by --stride, each scoring only the tokens "
+                                   "no earlier window scored.")
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("--model", "-m", help="a local model directory or Hub name (default: the embedded model)")
+    p.add_argument("--stride", type=positive_int, help="tokens the window advances (default: half the window)")
+    p.add_argument("--max-length", type=positive_int, help="window length (default: the model's n_positions)")
+    p.add_argument("--val-fraction", type=fraction, default=0.0,
+                   help="score only the last FRACTION of the file by bytes, the part `train --val-fraction` held out")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored at once")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (default float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> int:
+    from .training.eval import eval_command
+
+    return eval_command(args)
+
+
+# -- entry point ------------------------------------------------------------------------------------
+def build_parser() -> Parser:
+    from . import __version__
+
+    parser = Parser(prog="gpt2kit", description="GPT-2 from the command line: generate text, train, evaluate.")
+    parser.add_argument("--version", action="version", version=f"gpt2kit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    add_generate(sub)
+    add_train(sub)
+    add_eval(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("gpt2kit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `gpt2kit generate ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (UserError, ValueError, TypeError, OSError, RuntimeError, json.JSONDecodeError) as e:
+        if os.environ.get("GPT2KIT_DEBUG"):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"gpt2kit {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The training loss: next-token cross-entropy fused with the LM head, computed in row chunks.
+
+GPT-2's head turns every position into 50257 logits: for a batch of 2048 tokens that is a 411 MB float32
+tensor, which the plain path writes, upcasts, log-softmaxes, and reads back several times over in the
+backward pass. Here the logits of a chunk of rows are made, reduced to their loss, turned in place into
+their gradient (softmax - one-hot) and multiplied straight into the gradients of the hidden states and
+of the head's weight, then dropped. Same loss (log-sum-exp in float32), a fraction of the memory
+traffic. The idea is the "fused linear cross-entropy" of Liger-Kernel / Apple's Cut Cross-Entropy
+(Wijmans et al. 2024); this is a plain PyTorch rendering of the textbook gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, chunk: int, compute_dtype, want_grad: bool):
+        # hidden: (N, C); weight: (V, C) (the tied embedding); target: (N,) with -100 = ignore
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        valid = target != IGNORE_INDEX
+        n_valid = int(valid.sum())
+        safe_target = torch.where(valid, target, 0)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        need_h, need_w = want_grad and ctx.needs_input_grad[0], want_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        rows = torch.arange(min(chunk, h.shape[0]), device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, t, keep = h[s: s + chunk], safe_target[s: s + chunk], valid[s: s + chunk]
+            r = rows[: hc.shape[0]]
+            logits = (hc @ w.t()).float()  # (n, V)
+            target_logit = logits[r, t]  # (n,)
+            top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+            probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
+            norm = probs.sum(dim=-1, keepdim=True)  # (n, 1)
+            total += ((top.squeeze(1) + norm.squeeze(1).log() - target_logit) * keep).sum()  # log-sum-exp - target
+            if not (need_h or need_w):
+                continue
+            probs.mul_(keep[:, None] / norm)  # softmax (zero on ignored rows)
+            probs[r, t] -= keep.to(probs.dtype)  # d(loss_i)/d(logits_i) = softmax - one-hot
+            g = probs.to(compute_dtype)  # (n, V)
+            if need_h:
+                torch.mm(g, w, out=grad_h[s: s + chunk])  # (n, C)
+            if need_w:
+                if compute_dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)  # (V, C)
+                else:
+                    grad_w += (g.t() @ hc).float()
+        denom = max(n_valid, 1)
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.flags = (need_h, need_w, denom, hidden.dtype, weight.dtype)
+        return total / denom if n_valid else total * float("nan")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_h, need_w, denom, h_dtype, w_dtype = ctx.flags
+        saved = list(ctx.saved_tensors)
+        scale = grad_out / denom
+        grad_h = (saved.pop(0) * scale).to(h_dtype) if need_h else None
+        grad_w = (saved.pop(0) * scale).to(w_dtype) if need_w else None
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = 256,
+                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """mean_i CE(hidden_i @ weight^T, target_i) over targets != -100, without materialising all logits.
+
+    hidden (N, C), weight (V, C), target (N,). `compute_dtype` is the matmul precision (default: autocast's
+    when autocast is on, else hidden's); the log-sum-exp and the loss are float32 either way."""
+    if compute_dtype is None:
+        device_type = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(hidden.device.type, enabled=False):
+        want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, target, chunk, compute_dtype, want_grad)
+
+
+class CausalLMLoss(nn.Module):
+    """Wraps a GPT2LMHeadModel so that forward(x, y) is the mean next-token loss: the module that
+    DistributedDataParallel wraps, so that its gradient hooks see the fused head too."""
+
+    def __init__(self, model, fused: bool = True, chunk: int = 256):
+        super().__init__()
+        self.model, self.fused, self.chunk = model, fused, chunk
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # x, y: (B, T) inputs and their next tokens
+        if not self.fused:
+            logits = self.model(input_ids=x, use_cache=False).logits  # (B, T, V)
+            return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        hidden = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state  # (B, T, C)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, y.flatten(), self.chunk)
