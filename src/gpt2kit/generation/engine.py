@@ -247,7 +247,7 @@ def sample_or_greedy(model, plan: Plan):
         if plan.streamer is not None:
             plan.streamer.put(nxt.cpu())
         cur += 1
-        if stops:
+        if stops and (plan.criteria or cur > cfg.min_length):  # before min_length eos is banned: nothing can end
             hit = torch.zeros_like(unfinished)
             if plan.eos is not None:
                 hit = torch.isin(nxt, plan.eos)

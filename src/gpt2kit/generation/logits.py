@@ -35,28 +35,38 @@ def _eos_mask(eos_ids, vocab: int, device) -> torch.Tensor:
     return mask
 
 
-class MinLengthLogitsProcessor(LogitsProcessor):
+class _EosBan(LogitsProcessor):
+    """Shared by the two minimum-length processors: -inf on the eos ids (the mask is built once)."""
+
+    def __init__(self, eos_token_id):
+        self.eos, self._mask = eos_token_id, None
+
+    def _ban(self, scores):
+        if self._mask is None or self._mask.shape[0] != scores.shape[-1] or self._mask.device != scores.device:
+            self._mask = _eos_mask(self.eos, scores.shape[-1], scores.device)
+        return scores.masked_fill(self._mask, NEG_INF)
+
+
+class MinLengthLogitsProcessor(_EosBan):
     """Forbid end-of-sequence while the sequence (prompt included) is shorter than `min_length`."""
 
     def __init__(self, min_length: int, eos_token_id):
-        self.min_length, self.eos = min_length, eos_token_id
+        super().__init__(eos_token_id)
+        self.min_length = min_length
 
     def __call__(self, input_ids, scores):
-        if input_ids.shape[-1] >= self.min_length:
-            return scores
-        return scores.masked_fill(_eos_mask(self.eos, scores.shape[-1], scores.device), NEG_INF)
+        return scores if input_ids.shape[-1] >= self.min_length else self._ban(scores)
 
 
-class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
+class MinNewTokensLengthLogitsProcessor(_EosBan):
     """Forbid end-of-sequence until `min_new_tokens` tokens follow the prompt (`prompt_length_to_skip`)."""
 
     def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id):
-        self.skip, self.min_new_tokens, self.eos = prompt_length_to_skip, min_new_tokens, eos_token_id
+        super().__init__(eos_token_id)
+        self.skip, self.min_new_tokens = prompt_length_to_skip, min_new_tokens
 
     def __call__(self, input_ids, scores):
-        if input_ids.shape[-1] - self.skip >= self.min_new_tokens:
-            return scores
-        return scores.masked_fill(_eos_mask(self.eos, scores.shape[-1], scores.device), NEG_INF)
+        return scores if input_ids.shape[-1] - self.skip >= self.min_new_tokens else self._ban(scores)
 
 
 class TemperatureLogitsWarper(LogitsProcessor):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.cache import DynamicCache, StaticCache
+from ..model.gpt2 import self_attention_mask
 from ..model.layers import additive, eager_attention
 
 # model -> (weight version key, [in, out] copy of the tied LM head); see head_weight_t
@@ -84,11 +85,40 @@ class FastRunner(_RunnerBase):
             return x @ self.head_t
         return self.model.lm_head(x)
 
+    @torch.no_grad()
     def prefill(self, input_ids, attention_mask, position_ids):
-        out = self.body(input_ids, past_key_values=self.cache, attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=True, return_dict=True)
-        self.n = input_ids.shape[1]
-        return self.logits(out.last_hidden_state[:, -1])
+        """The prompt through every block as the model's forward does, except that the last block, whose
+        output feeds only the logits, runs its attention output, MLP and norm for the last position only
+        (its keys and values are still stored for every position)."""
+        body = self.body
+        B, T = input_ids.shape
+        if T == 1:  # nothing to save
+            return self.step(input_ids[:, 0], position_ids[:, 0])
+        x = body.wte(input_ids) + body.wpe(position_ids)  # (B, T, C)
+        mask, is_causal = self_attention_mask(attention_mask, B, T, 0, T, x.device)
+        for blk in body.h[:-1]:
+            x = blk(x, cache=self.cache, mask=mask, is_causal=is_causal)[0]
+        blk = body.h[-1]
+        attn = blk.attn
+        C, H, D = x.shape[-1], self.H, self.D
+        qkv = attn.c_attn(blk.ln_1(x)).view(B, T, 3, H, D)
+        k, v = qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, D)
+        k, v = self.cache.update(k, v, attn.layer_idx)
+        q = qkv[:, -1:, 0].transpose(1, 2)  # (B, H, 1, D): the last position's query
+        last_mask = None
+        if attention_mask is not None:  # the last query may see every real token of its row
+            last_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+            if self.eager:
+                last_mask = additive(last_mask, q.dtype)
+        if self.eager:
+            y = eager_attention(q, k, v, last_mask, attn.scaling, 0.0, attn.upcast)[0]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=last_mask, scale=attn.scaling)
+        x = x[:, -1] + attn.c_proj(y.reshape(B, C))  # (B, C)
+        mlp = blk.mlp
+        x = x + mlp.c_proj(mlp.act(mlp.c_fc(blk.ln_2(x))))
+        self.n = T
+        return self.logits(body.ln_f(x))
 
     @torch.no_grad()
     def step(self, tokens, positions):
