@@ -26,7 +26,7 @@ FIELDS = (
     "min_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
     "renormalize_logits", "remove_invalid_values", "suppress_tokens", "num_return_sequences", "output_attentions",
     "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate", "pad_token_id",
-    "bos_token_id", "eos_token_id", "seed", "compile",
+    "bos_token_id", "eos_token_id", "seed",
 )
 
 # arguments of generate() itself, which a config must not hold
