@@ -57,10 +57,7 @@ def save_model_dir(model, tokenizer, directory: str, *, dtype: torch.dtype | Non
         import copy
 
         model = copy.deepcopy(model).to(dtype)
-    try:
-        model.save_pretrained(directory)
-    except ImportError:  # interim
-        _interim_save(model, directory)
+    model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
@@ -98,16 +95,3 @@ def latest_checkpoint(out_dir: str) -> str | None:
 def load_state(checkpoint_dir: str) -> dict:
     return torch.load(os.path.join(checkpoint_dir, STATE_NAME), map_location="cpu", weights_only=False)
 
-
-# -- interim model I/O until gpt2kit.weights.checkpoint lands (to be replaced by save/from_pretrained) --
-def _interim_save(model, directory: str) -> None:
-    from safetensors.torch import save_file
-
-    from ..utils import atomic_path
-
-    os.makedirs(directory, exist_ok=True)
-    model.config.save_pretrained(directory)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-          if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
-    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
-        save_file(sd, tmp, metadata={"format": "pt"})

@@ -281,6 +281,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
                        f"({len(val_ids):,} held out), {world} process(es) on {device}")
     per_step = cfg.batch_size * world * cfg.grad_accum  # windows per optimizer step
     losses, t0, tokens_done = {}, time.perf_counter(), 0
+    t_start = t0
 
     def save(at_step):
         st = {"step": at_step, "samples": samples, "optimizer": optimizer.state_dict(),
@@ -344,7 +345,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
         save_dtype = getattr(torch, cfg.save_dtype)
         ckpt.save_model_dir(raw_model, tok, cfg.out_dir, dtype=save_dtype)
         plotted = plot_loss(log.path, os.path.join(cfg.out_dir, "loss.png"))
-        end = {"event": "end", "step": step, "elapsed_s": round(time.perf_counter() - t0, 2)}
+        end = {"event": "end", "step": step, "train_s": round(time.perf_counter() - t0, 2),
+               "wall_s": round(time.perf_counter() - t_start, 2)}  # train_s leaves out evaluation
         if identical is not None:
             end["replicas_identical"] = identical
         log.write(end,

@@ -1,0 +1,118 @@
+"""The gpt2kit command: generation on the embedded default and on a checkpoint, and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2kit.cli import main
+
+from model_helpers import perturb_
+
+
+def run(argv, capsys):
+    """(exit status, stdout, stderr) of `gpt2kit ARGV` run in this process."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's exits
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from gpt2kit import GPT2Config, GPT2LMHeadModel
+    from gpt2kit.training.data import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=24))
+    perturb_(model, scale=0.05)
+    model.save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_demo_command_streams_from_the_embedded_default():
+    """What `make demo` runs, as a fresh process: a continuation of the prompt, exit 0."""
+    prompt = "Hello, I'm a language model"
+    proc = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", prompt, "--max-new-tokens", "12", "--seed", "0"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(prompt) and len(proc.stdout.strip()) > len(prompt)
+
+
+def test_generate_streams_piece_by_piece(tiny_model, capsys, monkeypatch):
+    from gpt2kit.generation import TextStreamer
+
+    pieces = []
+    original = TextStreamer.on_finalized_text
+    monkeypatch.setattr(TextStreamer, "on_finalized_text",
+                        lambda self, text, stream_end=False: (pieces.append(text), original(self, text, stream_end)))
+    code, out, _ = run(["generate", "The king", "--model", tiny_model, "--max-new-tokens", "6", "--seed", "1"], capsys)
+    assert code == 0
+    assert len(pieces) >= 3  # printed as tokens arrived, not at the end
+    assert out == "The king" + "".join(pieces) + "\n"
+
+
+def test_generate_json_and_stdin(tiny_model, capsys, monkeypatch):
+    code, out, _ = run(["generate", "Once", "--model", tiny_model, "--max-new-tokens", "4", "-n", "2", "--seed", "3",
+                        "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["prompt"] == "Once" and len(result["generated"]) == 2
+    assert all(g["generated_text"] == "Once" + g["continuation"] for g in result["generated"])
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("From stdin"))
+    code, out, _ = run(["generate", "--model", tiny_model, "--max-new-tokens", "3", "--greedy"], capsys)
+    assert code == 0 and out.startswith("From stdin")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "hi", "--model", "/no/such/model"], "does not exist"),
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: expected a positive integer"),
+    (["generate", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "hi", "--temperature", "warm"], "--temperature"),
+    (["generate", "hi", "--dtype", "int3"], "--dtype"),
+    (["train", "x.txt", "--out", "o", "--lr", "-1"], "--lr"),
+    (["eval"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_command_lines_give_one_line_and_a_nonzero_exit(argv, expected, capsys):
+    code, out, err = run(argv, capsys)
+    assert code != 0
+    assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err
+
+
+def test_user_errors_give_one_line_and_a_nonzero_exit(tiny_model, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    cases = [
+        (["generate", "word " * 30, "--model", tiny_model], "Shorten the prompt"),  # 30 tokens > n_positions 24
+        (["generate", "word " * 10, "--model", tiny_model, "--max-new-tokens", "20"], "exceeds this model's 24-token context"),
+        (["generate", "hi", "--model", tiny_model, "--device", "cuda:7"], "cuda"),
+        (["generate", "hi", "--model", str(tmp_path / "missing")], "does not exist"),
+        (["eval", str(tmp_path / "missing.txt"), "--model", tiny_model], "does not exist"),
+        (["eval", str(latin1), "--model", tiny_model], "not UTF-8"),
+        (["eval", str(tmp_path), "--model", tiny_model], "directory"),
+        (["train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run"), "--n-layer", "1", "--n-embd", "8",
+          "--n-head", "2"], "does not exist"),
+        (["train", str(latin1), "--out", str(tmp_path / "run"), "--preset", "gpt2", "--model", tiny_model], "not both"),
+    ]
+    if torch.cuda.is_available():
+        cases.pop(2)
+    for argv, expected in cases:
+        code, out, err = run(argv, capsys)
+        assert code == 1, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+        assert expected in err and "Traceback" not in err, (argv, err)
+
+
+def test_help_describes_every_command(capsys):
+    for command in ("generate", "train", "eval"):
+        code, out, _ = run([command, "--help"], capsys)
+        assert code == 0 and f"gpt2kit {command}" in out and "--model" in out
