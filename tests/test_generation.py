@@ -193,16 +193,23 @@ def test_default_length_and_argument_errors(sdpa_pair):
         ours.generate(ids, stop_strings=["x"], max_new_tokens=2)
 
 
-def test_bfloat16_generation_runs_and_mostly_agrees(sdpa_pair):
-    """bf16 weights take the same path; on these tiny random weights they track float32 closely."""
+def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
+    """bf16 weights: the fast runner (oneDNN-packed weights) gives the tokens of the plain model forward."""
+    from gpt2kit.generation import runner
+
     _, ours = sdpa_pair
     ids, mask = prompts()
     m16 = GPT2LMHeadModel(ours.config).eval()
     m16.load_state_dict(ours.state_dict())
     m16.to(torch.bfloat16)
-    out = m16.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
-    ref = ours.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
-    assert out.shape == ref.shape and torch.equal(out[:, :ids.shape[1]], ids)
+    fast = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    plain = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cache_implementation="dynamic")
+    assert torch.equal(fast, plain)
+    packs = runner.packed_bf16(m16)
+    if packs is not None:  # the packed copies follow in-place weight edits
+        with torch.no_grad():
+            m16.lm_head.weight.mul_(1.5)
+        assert runner.packed_bf16(m16) is not packs
 
 
 def test_blocked_gelu_is_bit_identical_to_the_model_formula():

@@ -193,6 +193,10 @@ def generate(model, inputs=None, generation_config=None, logits_processor=None, 
     if plan.cfg.num_beams > 1:
         from .beam import beam_search
 
+        if streamer is not None:
+            raise ValueError("A streamer shows one sequence as it grows; beam search only knows its sequences at the "
+                             "end. Use num_beams=1 with a streamer, or stream the returned text yourself.")
+
         return beam_search(model, plan)
     return sample_or_greedy(model, plan)
 
