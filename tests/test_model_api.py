@@ -104,3 +104,25 @@ def test_to_dtype_and_auto_classes():
         GPT2Model(cfg)(torch.tensor([[cfg.vocab_size]]))
     with pytest.raises(ValueError, match="no cross-attention"):
         GPT2Model(cfg)(torch.tensor([[1]]), encoder_hidden_states=torch.zeros(1, 2, cfg.n_embd))
+
+
+def test_bfloat16_inference_fast_path_agrees_with_plain_path():
+    """bf16 inference runs projections through oneDNN's fused linear (bias + GELU in the GEMM) where the CPU
+    supports it; with autograd on it takes the plain addmm path. Both must agree with float32 within bf16's
+    precision, and float32 never takes the fused path (it stays exact)."""
+    from gpt2kit.model import layers
+
+    hf, m = twin(GPT2LMHeadModel, transformers.GPT2LMHeadModel, attn="sdpa")
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f32 = m(ids).logits
+        assert not layers.use_onednn(torch.zeros(2, 2), m.transformer.h[0].mlp.c_fc.weight)
+    m = m.to(torch.bfloat16)
+    with torch.no_grad():
+        fused = m(ids).logits.float()
+    plain = m(ids).logits.float()  # grad enabled: addmm and the explicit GELU formula
+    scale = f32.abs().max().item()
+    for got in (fused, plain):
+        assert (got - f32).abs().max().item() < 0.03 * scale
+    print(f"bf16 vs f32 max |diff|: fused {(fused - f32).abs().max().item():.3g}, plain "
+          f"{(plain - f32).abs().max().item():.3g} (logits up to {scale:.3g})")

@@ -39,6 +39,7 @@ class DynamicCache(Cache):
         self._k: list = [None] * n  # per layer: buffer (B, H, capacity, D)
         self._v: list = [None] * n
         self._len = [0] * n
+        self._borrowed: set = set()  # layers whose stored k/v are views of a forward's tensors, not our buffers
 
     def _grow(self, layer_idx):
         while len(self._k) <= layer_idx:  # a cache built without a config learns its depth as it goes
@@ -49,8 +50,13 @@ class DynamicCache(Cache):
         self._grow(layer_idx)
         B, H, T, D = key.shape
         n = self._len[layer_idx]
+        if n == 0:  # prefill: keep the projection's own tensors (no copy); the next update moves them to a buffer
+            self._k[layer_idx], self._v[layer_idx], self._len[layer_idx] = key, value, T
+            self._borrowed.add(layer_idx)
+            return key, value
         buf_k, buf_v = self._k[layer_idx], self._v[layer_idx]
-        if buf_k is None or n + T > buf_k.shape[2] or buf_k.shape[0] != B or buf_k.dtype != key.dtype:
+        if layer_idx in self._borrowed or n + T > buf_k.shape[2] or buf_k.shape[0] != B or buf_k.dtype != key.dtype:
+            self._borrowed.discard(layer_idx)  # never write into a tensor the cache does not own
             capacity = max(n + T, 2 * n, 16)
             new_k = key.new_empty(B, H, capacity, D)
             new_v = value.new_empty(B, H, capacity, value.shape[-1])

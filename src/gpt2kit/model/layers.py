@@ -27,10 +27,16 @@ class Projection(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         shape = x.shape[:-1] + (self.out_features,)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
+        if use_onednn(x2, self.weight):  # bias (and activation) fused into the bf16 GEMM
+            algorithm = {"gelu_tanh": "tanh", "gelu_erf": "none"}.get(activation, "")
+            attr = "gelu" if activation.startswith("gelu") else activation
+            return torch.ops.mkldnn._linear_pointwise(x2, self.weight.t(), self.bias, attr, [], algorithm).view(shape)
         y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
+        if activation != "none":
+            y = ACTIVATIONS[ONEDNN_ACTIVATIONS_INV[activation]](y)
         return y.view(shape)  # (..., out)
 
     def extra_repr(self) -> str:
@@ -58,6 +64,45 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "linear": lambda x: x,
 }
+
+
+# activations oneDNN can fuse into a GEMM epilogue, by our name -> its name (gelu_new is the tanh approximation)
+ONEDNN_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                      "gelu": "gelu_erf", "gelu_python": "gelu_erf", "relu": "relu"}
+ONEDNN_ACTIVATIONS_INV = {"gelu_tanh": "gelu_pytorch_tanh", "gelu_erf": "gelu", "relu": "relu"}
+_onednn_ok = None
+
+
+FUSED_F32_MIN_ROWS = 256  # float32 takes the fused path only for prefill-sized inputs (see use_onednn)
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether to run a projection through oneDNN's fused linear (bias + activation in the GEMM epilogue).
+
+    Inference on CPU only (the op has no autograd formula). Measured on GPT-2 small's shapes, 1 x 1024 tokens:
+    - bfloat16 (needs native bf16 support): the fused op takes 50 ms where addmm plus a separate tanh-GELU
+      take 76 ms; GPT-2's five-op GELU formula alone costs a third of a bf16 forward.
+    - float32: only from FUSED_F32_MIN_ROWS rows on (prefill), where it is faster; it sums in another order
+      than addmm (~1e-6 relative). Shorter inputs and decode steps keep addmm and the explicit GELU formula,
+      bit for bit the reference's.
+    """
+    global _onednn_ok
+    if x.device.type != "cpu" or weight.dtype != x.dtype:
+        return False
+    if x.dtype == torch.float32:
+        if x.shape[0] < FUSED_F32_MIN_ROWS:
+            return False
+    elif x.dtype != torch.bfloat16:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    if _onednn_ok is None:
+        try:
+            _onednn_ok = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        except (AttributeError, RuntimeError):  # a torch build without the private op
+            _onednn_ok = False
+    return _onednn_ok
 
 
 def get_activation(name: str):
@@ -175,10 +220,15 @@ class MLP(nn.Module):
         self.c_fc = Projection(config.n_embd, config.inner_dim)
         self.c_proj = Projection(config.inner_dim, config.n_embd)
         self.act = get_activation(config.activation_function)
+        self.fused_act = ONEDNN_ACTIVATIONS.get(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        if self.fused_act is not None and use_onednn(x.reshape(-1, x.shape[-1]), self.c_fc.weight):
+            h = self.c_fc(x, activation=self.fused_act)  # (B, T, inner), GELU fused into the GEMM
+        else:
+            h = self.act(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
