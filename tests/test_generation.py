@@ -205,11 +205,11 @@ def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
     fast = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
     plain = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cache_implementation="dynamic")
     assert torch.equal(fast, plain)
-    packs = runner.packed_bf16(m16)
+    packs = runner.packed_weights(m16)
     if packs is not None:  # the packed copies follow in-place weight edits
         with torch.no_grad():
             m16.lm_head.weight.mul_(1.5)
-        assert runner.packed_bf16(m16) is not packs
+        assert runner.packed_weights(m16) is not packs
 
 
 def test_blocked_gelu_is_bit_identical_to_the_model_formula():

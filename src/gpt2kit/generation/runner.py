@@ -41,37 +41,46 @@ def head_weight_t(model):
     return wt
 
 
-# model -> (weight version key, {projection or "head": oneDNN-packed weight}); see packed_bf16
+# model -> (weight version key, {projection or "head": oneDNN-packed weight}); see packed_weights
 _PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+PACK_LIMIT_BYTES = 1 << 30  # never double more than 1 GiB of weights
 
 
 def _projections(model):
     return [p for blk in model.transformer.h for p in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
 
 
-def packed_bf16(model):
-    """oneDNN-packed copies of every bfloat16 projection and of the LM head, or None.
+def packed_weights(model, build: bool = True):
+    """oneDNN-packed copies of every projection and of the LM head (CPU, float32 or bfloat16), or None.
 
-    oneDNN's bf16 GEMM re-lays a plain weight out into its blocked format on every call; packing once makes
-    the same products bit-identical and faster. Measured on this AMD EPYC, one thread, batch 1: the 12 blocks'
-    48 matrices take 39 ms packed against 60 ms plain, the 768 x 50257 head 13.5 against 29 ms. It costs a
-    second copy of the weights (250 MB for GPT-2 small), kept per model and rebuilt when a weight changes."""
+    oneDNN re-lays a plain weight out into its blocked format on every call; packing once gives the same
+    products (bit for bit in bfloat16) faster. Measured on this AMD EPYC, one thread, weights not in cache:
+    bfloat16 at batch 1, the 12 blocks' 48 matrices 39 ms packed against 60 ms plain, the head 13.5 against
+    29 ms; float32 at 8 rows, 36 against 60 ms and 17 against 28.5 ms (at 1 row float32 addmm stays faster,
+    so the engine packs float32 only for batches of 4+). It costs a second copy of the weights (GPT-2 small:
+    250 MB in bf16, 500 MB in fp32), kept per model, rebuilt when a weight changes, and never made past
+    PACK_LIMIT_BYTES. build=False only returns copies already made."""
     projs = _projections(model)
     head = model.lm_head.weight
-    if head.device.type != "cpu" or head.dtype != torch.bfloat16 or not _onednn_available():
+    dtype = head.dtype
+    if head.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not _onednn_available():
         return None
-    if any(not isinstance(p, Projection) or p.weight.dtype != torch.bfloat16 for p in projs):
+    if any(not isinstance(p, Projection) or p.weight.dtype != dtype for p in projs):
         return None
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16:
+        try:
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                return None
+        except (AttributeError, RuntimeError):
             return None
-    except (AttributeError, RuntimeError):
-        return None
-    key = tuple((w.data_ptr(), w._version) for w in [p.weight for p in projs] + [head])
+    weights = [p.weight for p in projs] + [head]
+    key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
     hit = _PACKED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    _PACKED.pop(model, None)  # free the stale copy before building the new one
+    _PACKED.pop(model, None)  # free a stale copy before building the new one
+    if not build or sum(w.numel() * w.element_size() for w in weights) > PACK_LIMIT_BYTES:
+        return None
     with torch.no_grad():
         packs = {p: torch.ops.mkldnn._reorder_linear_weight(p.weight.detach().t().contiguous(), 1) for p in projs}
         packs["head"] = torch.ops.mkldnn._reorder_linear_weight(head.detach(), 1)
@@ -151,7 +160,9 @@ class FastRunner(_RunnerBase):
         dev, dtype = model.device, model.dtype
         self.onednn = dev.type == "cpu" and dtype == torch.float32 and _onednn_available()
         self.act = gelu_new_blocked if cfg.activation_function == "gelu_new" else None
-        self.packed = packed_bf16(model)
+        # bf16: always packed; fp32: packed for batches of 4+ (see packed_weights)
+        self.packed = packed_weights(model, build=dtype == torch.bfloat16 or batch >= ONEDNN_MIN_ROWS)
+        self.packed_all_rows = self.packed is not None and dtype == torch.bfloat16
         # GPT-2's tanh GELU fused into the packed bf16 GEMM, as the model's own bf16 path does
         self.fused_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -161,14 +172,14 @@ class FastRunner(_RunnerBase):
         12 blocks' matrices, weights not in cache) 50 ms against 71 ms for addmm at N=8, 111 against 142 at 32,
         1228 against 1354 ms at 512, as MKL takes a generic path on AMD CPUs; below that addmm is faster.
         It sums in another order: results differ from addmm's in the last bits."""
-        if self.packed is not None:
+        if self.packed is not None and (self.packed_all_rows or x.shape[0] >= ONEDNN_MIN_ROWS):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed[proj], proj.bias, "none", [], "")
         if self.onednn and x.shape[0] >= ONEDNN_MIN_ROWS and isinstance(proj, Projection):
             return torch.ops.mkldnn._linear_pointwise(x, proj.weight.t(), proj.bias, "none", [], "")
         return proj(x)
 
     def logits(self, x):  # (B, C) -> (B, V)
-        if self.packed is not None:
+        if self.packed is not None and (self.packed_all_rows or x.shape[0] >= ONEDNN_MIN_ROWS):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed["head"], None, "none", [], "")
         if self.onednn and x.shape[0] >= ONEDNN_MIN_ROWS:  # same measurement: 25 ms against 39 at 8 rows
             return torch.ops.mkldnn._linear_pointwise(x, self.model.lm_head.weight, None, "none", [], "")
@@ -206,7 +217,7 @@ class FastRunner(_RunnerBase):
         x = x + self._linear(attn.c_proj, y.transpose(1, 2).reshape(B * T, C)).view(B, T, C)
         h = blk.ln_2(x)
         mlp = blk.mlp
-        if self.packed is not None:
+        if self.packed_all_rows:  # bfloat16
             h = h.reshape(B * T, C)
             if self.fused_gelu:
                 h = torch.ops.mkldnn._linear_pointwise(h, self.packed[mlp.c_fc], mlp.c_fc.bias, "gelu", [], "tanh")
