@@ -45,17 +45,20 @@ def generation_config_of(model) -> GenerationConfig:
 
 
 def _resolve_config(model, generation_config, kwargs):
+    """(merged config, leftover kwargs = model inputs, whether max_length is the global default)."""
     base = generation_config if generation_config is not None else generation_config_of(model)
     if not isinstance(base, GenerationConfig):
-        raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}.")
+        if not hasattr(base, "to_diff_dict"):
+            raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}.")
+        base = GenerationConfig.from_dict(  # e.g. transformers' own GenerationConfig
+            {k: v for k, v in base.to_diff_dict().items() if not k.startswith("_") or k == "_from_model_config"})
     cfg = base.copy()
-    user_set_max_length = kwargs.get("max_length") is not None or cfg.max_length is not None
+    default_max_length = (kwargs.get("max_length") is None and cfg.max_length is None
+                          and generation_config_of(model).max_length is None)
     model_inputs = cfg.update(**kwargs)
     cfg.fill_defaults(generation_config_of(model))
     cfg.validate(combinations=True)
-    if not user_set_max_length and generation_config_of(model).max_length is not None:
-        user_set_max_length = True
-    return cfg, model_inputs, user_set_max_length
+    return cfg, model_inputs, default_max_length
 
 
 def _as_eos(eos) -> torch.LongTensor | None:
@@ -68,7 +71,6 @@ def _as_eos(eos) -> torch.LongTensor | None:
 def prepare(model, inputs, generation_config, logits_processor, stopping_criteria, streamer, tokenizer,
             generator, kwargs) -> Plan:
     cfg, extra, default_max = _resolve_config(model, generation_config, kwargs)
-    default_max = not default_max
     input_ids = extra.pop("input_ids", None)
     if inputs is not None and input_ids is not None:
         raise ValueError("Pass the prompt once: either as the first argument (inputs) or as input_ids=.")
