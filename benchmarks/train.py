@@ -78,7 +78,7 @@ def measure(config, precision, steps, warmup, device):
             t = time.perf_counter()
             with amp:
                 loss = steps_fns[name](x, y)
-            float(loss)  # waits for the device
+            float(loss.detach())  # waits for the device
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
     row = {"config": config, "precision": precision, "batch": B, "seq_len": T, "steps": steps, **sizes}

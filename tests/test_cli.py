@@ -9,7 +9,7 @@ import torch
 
 from gpt2kit.cli import main
 
-from model_helpers import perturb_
+from test_eval import make_checkpoint
 
 
 def run(argv, capsys):
@@ -24,16 +24,7 @@ def run(argv, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from gpt2kit import GPT2Config, GPT2LMHeadModel
-    from gpt2kit.training.data import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=24))
-    perturb_(model, scale=0.05)
-    model.save_pretrained(path)
-    load_tokenizer().save_pretrained(path)
-    return str(path)
+    return make_checkpoint(tmp_path_factory.mktemp("tiny"), n_layer=1, n_embd=16, n_head=2, n_positions=24)
 
 
 def test_demo_command_streams_from_the_embedded_default():

@@ -35,18 +35,22 @@ def reference_sliding_window(model, ids, max_length, stride):
     return nll, count
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def make_checkpoint(path, **sizes):
+    """A random GPT-2 (perturbed, so no weight is trivial) with the GPT-2 vocabulary, saved with its tokenizer."""
     from gpt2kit import GPT2Config, GPT2LMHeadModel
     from gpt2kit.training.data import load_tokenizer
 
-    path = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=48))
+    model = GPT2LMHeadModel(GPT2Config(**sizes))
     perturb_(model, scale=0.05)
     model.save_pretrained(path)
     load_tokenizer().save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), n_layer=2, n_embd=32, n_head=4, n_positions=48)
 
 
 @pytest.mark.parametrize("stride", [16, 48])
