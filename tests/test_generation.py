@@ -229,3 +229,20 @@ def test_batched_decode_through_onednn_matches_transformers(sdpa_pair):
     for kw in (dict(max_new_tokens=12), dict(max_new_tokens=8, num_beams=2, num_return_sequences=2)):
         a, b = both(hf, ours, ids, attention_mask=mask, pad_token_id=0, **kw)
         assert torch.equal(a, b), kw
+
+
+def test_fixed_shape_graph_step_matches_transformers(pair, monkeypatch):
+    """The CUDA-graph runner's fixed-shape step (full-length cache, key mask, write position on the device),
+    run here without capture, gives transformers' tokens, for greedy (padded, eos) and beams."""
+    from gpt2kit.generation import engine
+    from gpt2kit.generation.graphs import GraphRunner
+
+    monkeypatch.setattr(engine, "make_runner",
+                        lambda model, plan: GraphRunner(model, plan.input_ids.shape[0], plan.max_length,
+                                                        plan.attention_mask, capture=False))
+    hf, ours = pair
+    ids, mask = prompts()
+    eos = eos_that_fires(hf, ids, mask, step=2)
+    for kw in (dict(max_new_tokens=10, eos_token_id=eos), dict(max_new_tokens=7, num_beams=3, eos_token_id=eos)):
+        a, b = both(hf, ours, ids, attention_mask=mask, pad_token_id=0, **kw)
+        assert torch.equal(a, b), kw

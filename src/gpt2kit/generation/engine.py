@@ -177,6 +177,10 @@ def make_runner(model, plan: Plan):
     impl = plan.cfg.cache_implementation
     if impl == "dynamic" or not fast_path_supported(model):
         return ModelRunner(model, B, plan.max_length, plan.attention_mask, static=impl == "static")
+    if model.device.type == "cuda":  # fixed shapes, the decode step replayed from a CUDA graph
+        from .graphs import GraphRunner
+
+        return GraphRunner(model, B, plan.max_length, plan.attention_mask)
     return FastRunner(model, B, plan.max_length, plan.attention_mask)
 
 
@@ -215,8 +219,10 @@ def sample_or_greedy(model, plan: Plan):
     want_scores = cfg.return_dict_in_generate and cfg.output_scores
     want_logits = cfg.return_dict_in_generate and cfg.output_logits
     scores_out, logits_out = [], []
+    runner = make_runner(model, plan)
     # finished rows may leave the batch unless someone needs every row at every step
-    can_drop = not (want_scores or want_logits or plan.criteria or plan.streamer is not None)
+    can_drop = not (want_scores or want_logits or plan.criteria or plan.streamer is not None
+                    or getattr(runner, "fixed_batch", False))
     stops = plan.eos is not None or bool(plan.criteria)
     check_every = 1 if device.type == "cpu" else 8  # on a GPU, read "all done?" back only now and then
 
@@ -229,7 +235,6 @@ def sample_or_greedy(model, plan: Plan):
 
     if plan.streamer is not None:
         plan.streamer.put(ids.cpu())
-    runner = make_runner(model, plan)
     positions = _next_positions(plan.position_ids)
     logits = runner.prefill(ids, plan.attention_mask, plan.position_ids)
     cur = P
