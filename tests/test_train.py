@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from gpt2kit.training import data as data_mod
 from gpt2kit.training.checkpointing import latest_checkpoint
-from gpt2kit.training.loop import TrainConfig, train
+from gpt2kit.training.loop import train
+from gpt2kit.training.settings import TrainConfig
 from gpt2kit.training.loss import linear_cross_entropy
 from gpt2kit.training.optim import param_groups
 from gpt2kit.training.schedule import WarmupCosine
@@ -18,7 +19,7 @@ from gpt2kit.training.schedule import WarmupCosine
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n\n") * 40
 TINY_RUN = dict(n_layer=2, n_embd=32, n_head=4, n_positions=32, batch_size=4, lr=3e-3, warmup_steps=2,
-                log_every=1, eval_every=0, eval_batches=1, progress=False)
+                log_every=1, eval_every=0, eval_batches=1, progress=False, dtype="float32")
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ def run_generate(args) -> int:
 
 # -- train ------------------------------------------------------------------------------------------
 def add_train(sub):
-    from .training.loop import PRESETS, TrainConfig
+    from .training.settings import PRESETS, TrainConfig
 
     d = TrainConfig(files=[], out_dir="")
     p = sub.add_parser("train", help="train or fine-tune a GPT-2 model on text files",
@@ -219,7 +219,7 @@ def add_train(sub):
     opt.add_argument("--beta1", type=fraction, default=d.betas[0])
     opt.add_argument("--beta2", type=fraction, default=d.betas[1])
     opt.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=d.grad_clip, help="max gradient norm (0 = off)")
-    opt.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="autocast precision (auto: bfloat16 on CUDA, float32 on CPU)")
+    opt.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="autocast precision (auto: bfloat16 where the GPU or CPU supports it natively, else float32)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     opt.add_argument("--seed", type=nonneg_int, default=d.seed)
     opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
@@ -237,7 +237,8 @@ def add_train(sub):
 
 
 def run_train(args) -> int:
-    from .training.loop import TrainConfig, train
+    from .training.loop import train
+    from .training.settings import TrainConfig
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields["betas"] = (args.beta1, args.beta2)
