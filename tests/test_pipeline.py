@@ -114,6 +114,7 @@ def test_pipeline_model_objects_dtype_and_errors(ckpt):
     pipe = pipeline("text-generation", model=model, tokenizer=tok, dtype="bfloat16")
     assert pipe.model.dtype == torch.bfloat16
     assert pipe("Hi", max_new_tokens=3)[0]["generated_text"].startswith("Hi")
+    assert pipeline("text-generation", model=model, tokenizer=tok, device_map="auto").device.type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="Unsupported task"):
         pipeline("summarization", model=ckpt)
     if not torch.cuda.is_available():

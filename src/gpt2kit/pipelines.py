@@ -23,8 +23,6 @@ def _device(device) -> torch.device:
 
     if device is None or (isinstance(device, int) and device < 0):
         return torch.device("cpu")
-    if device == "auto":
-        raise ValueError("pipeline(device='auto') is ambiguous: pass 'cpu', 'cuda', or a CUDA index such as 0.")
     if isinstance(device, int) and not torch.cuda.is_available():
         raise RuntimeError(f"pipeline(device={device}) asks for CUDA GPU {device}, but PyTorch sees no GPU here "
                            f"(torch {torch.__version__}). Pass device='cpu' (or -1) to run on the CPU.")
