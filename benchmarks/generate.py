@@ -116,6 +116,19 @@ def gpu_refs(device):
     return {"transformers-static-compile": static_compiled}
 
 
+def profile(ours, device):
+    """Where gpt2kit's float32 batch-1 decode spends its time, by operator."""
+    from torch.profiler import profile as torch_profile
+
+    ids = torch.randint(0, 50000, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=50256)
+    with torch.no_grad():
+        ours.generate(ids, **kw)
+        with torch_profile() as prof:
+            ours.generate(ids, **kw)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def chart(results, path):
     import matplotlib
 
@@ -153,6 +166,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=None, help="override the number of new tokens (quick checks)")
+    ap.add_argument("--profile", action="store_true", help="also print where gpt2kit's time goes (torch.profiler)")
     ap.add_argument("--out", default=os.path.join(HERE, "generate.json"))
     ap.add_argument("--png", default=os.path.join(HERE, "generate.png"))
     args = ap.parse_args()
@@ -204,6 +218,8 @@ def main():
             r["gpt2kit_vs_transformers_fp32"] = r["gpt2kit"]["tokens_per_s"] / base
             line += f"; gpt2kit bf16 vs transformers fp32: {r['gpt2kit_vs_transformers_fp32']:.2f}x"
         print(f"{c:9s} {line}", flush=True)
+    if args.profile:
+        profile(ours, device)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     chart(results, args.png)
