@@ -231,7 +231,7 @@ def test_batched_decode_through_onednn_matches_transformers(sdpa_pair):
         assert torch.equal(a, b), kw
 
 
-def test_fixed_shape_graph_step_matches_transformers(pair, monkeypatch):
+def test_fixed_shape_graph_step_matches_transformers(sdpa_pair, monkeypatch):
     """The CUDA-graph runner's fixed-shape step (full-length cache, key mask, write position on the device),
     run here without capture, gives transformers' tokens, for greedy (padded, eos) and beams."""
     from gpt2kit.generation import engine
@@ -240,7 +240,7 @@ def test_fixed_shape_graph_step_matches_transformers(pair, monkeypatch):
     monkeypatch.setattr(engine, "make_runner",
                         lambda model, plan: GraphRunner(model, plan.input_ids.shape[0], plan.max_length,
                                                         plan.attention_mask, capture=False))
-    hf, ours = pair
+    hf, ours = sdpa_pair
     ids, mask = prompts()
     eos = eos_that_fires(hf, ids, mask, step=2)
     for kw in (dict(max_new_tokens=10, eos_token_id=eos), dict(max_new_tokens=7, num_beams=3, eos_token_id=eos)):
