@@ -81,6 +81,11 @@ def test_logits_hidden_states_attentions_loss(name, attn):
         diffs += [close(a, b, f"cross_attentions[{i}]") for i, (a, b) in enumerate(zip(out.cross_attentions, ref.cross_attentions))]
     else:
         assert out.cross_attentions is None
+    # asking for attention maps runs the explicit path; without them the "sdpa" config runs the SDPA kernel
+    with torch.no_grad():
+        fast = ours(ids, labels=labels, output_hidden_states=True, **extra)
+    diffs += [close(fast.logits, ref.logits, "logits (no maps)"), close(fast.loss, ref.loss, "loss (no maps)")]
+    diffs += [close(a, b, f"hidden_states[{i}] (no maps)") for i, (a, b) in enumerate(zip(fast.hidden_states, ref.hidden_states))]
     print(f"{name}/{attn}: max |diff| over logits, loss, hidden states, attentions = {max(diffs):.2e}")
 
 
