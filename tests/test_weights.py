@@ -288,3 +288,15 @@ def test_bad_config_and_missing_weights(lm, tmp_path):
     os.remove(sharded / first)
     with pytest.raises(FileNotFoundError, match=first):
         GPT2LMHeadModel.from_pretrained(sharded)
+
+
+def test_use_safetensors_chooses_the_format(lm, tmp_path):
+    hf, d = lm
+    other = hf_model(seed=5)
+    shutil.copytree(d, tmp_path / "both")
+    torch.save(other.state_dict(), tmp_path / "both" / "pytorch_model.bin")  # a different model, as .bin
+    assert torch.equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "both")), logits(hf))  # safetensors first
+    assert torch.equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "both", use_safetensors=False)), logits(other))
+    os.remove(tmp_path / "both" / "model.safetensors")
+    with pytest.raises(ModelNotFoundError, match="use_safetensors=True excludes pytorch_model.bin"):
+        GPT2LMHeadModel.from_pretrained(tmp_path / "both", use_safetensors=True)
