@@ -30,7 +30,7 @@ CONFIGS = {  # name: (model sizes, batch, sequence length)
 }
 
 
-def build(sizes, device):
+def build(sizes, device, compile_body=False):
     import transformers
 
     from gpt2kit import GPT2Config, GPT2LMHeadModel
@@ -43,6 +43,8 @@ def build(sizes, device):
     ours = GPT2LMHeadModel(GPT2Config(**common, attn_implementation="sdpa")).to(device).train()
     ours.load_state_dict(hf.state_dict())
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1)
+    if compile_body:  # as `gpt2kit train --compile` does
+        ours.transformer.compile()
     ours_loss = CausalLMLoss(ours)
     ours_opt = build_adamw(ours, lr=1e-4, weight_decay=0.1)
 
@@ -63,9 +65,9 @@ def build(sizes, device):
     return {"transformers": hf_step, "gpt2kit": ours_step}
 
 
-def measure(config, precision, steps, warmup, device):
+def measure(config, precision, steps, warmup, device, compile_body=False):
     sizes, B, T = CONFIGS[config]
-    steps_fns = build(sizes, device)
+    steps_fns = build(sizes, device, compile_body)
     g = torch.Generator().manual_seed(1)
     xy = torch.randint(0, 50257, (B, T + 1), generator=g).to(device)
     x, y = xy[:, :-1], xy[:, 1:]
@@ -84,7 +86,7 @@ def measure(config, precision, steps, warmup, device):
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
                 cpu[name].append(time.process_time() - c)
-    row = {"config": config, "precision": precision, "batch": B, "seq_len": T, "steps": steps, **sizes}
+    row = {"config": config, "precision": precision, "gpt2kit_compiled": compile_body, "batch": B, "seq_len": T, "steps": steps, **sizes}
     for name, ts in times.items():
         row[f"{name}_tok_s"] = round(B * T / statistics.median(ts), 1)
         row[f"{name}_tok_per_cpu_s"] = round(B * T / statistics.median(cpu[name]), 1)
@@ -100,6 +102,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6, help="measured steps per library (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="compile gpt2kit's body (gpt2kit train --compile)")
     ap.add_argument("--threads", type=int, help="torch threads (1 makes CPU time a fair measure on a shared machine)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "train.json"))
     args = ap.parse_args()
@@ -115,7 +118,7 @@ def main():
           f" {'ratio by CPU time':>18}")
     for config in args.configs.split(","):
         for precision in args.precisions.split(","):
-            row = measure(config, precision, args.steps, args.warmup, device)
+            row = measure(config, precision, args.steps, args.warmup, device, args.compile)
             rows.append(row)
             print(f"{config:8} {precision:5} {row['batch']:>4}x{row['seq_len']:<4} {row['transformers_tok_s']:>19.1f} "
                   f"{row['gpt2kit_tok_s']:>14.1f} {row['ratio']:>5.2f}x {row['cpu_ratio']:>17.2f}x", flush=True)
