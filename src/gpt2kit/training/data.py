@@ -88,9 +88,10 @@ def _encode(tok, text: str) -> list[int]:
 
 
 def tokenize_to_cache(path: str, tok, *, start: int = 0, end: int | None = None, cache_dir: str | None = None,
-                      progress: bool = True) -> str:
-    """Tokenize bytes [start, end) of `path` into a uint16 cache file (if not cached yet); return its path."""
-    data = read_text(path)
+                      progress: bool = True, data: bytes | None = None) -> str:
+    """Tokenize bytes [start, end) of `path` (whose bytes are `data`, when already read) into a uint16 cache
+    file, unless cached already; return its path."""
+    data = read_text(path) if data is None else data
     end = len(data) if end is None else end
     part = data[start:end]
     if len(tok) > 65536:
@@ -137,15 +138,16 @@ def load_split(paths: list[str], tok, *, part: str, val_fraction: float, cache_d
     """
     streams = []
     for path in paths:
-        data_len = len(read_text(path))
+        data = read_text(path)
         if part == "all" or val_fraction == 0:
             if part == "val":
                 continue
-            lo, hi = 0, data_len
+            lo, hi = 0, len(data)
         else:
-            cut = split_point(read_text(path), 1.0 - val_fraction)
-            lo, hi = (0, cut) if part == "train" else (cut, data_len)
-        ids = open_tokens(tokenize_to_cache(path, tok, start=lo, end=hi, cache_dir=cache_dir, progress=progress))
+            cut = split_point(data, 1.0 - val_fraction)
+            lo, hi = (0, cut) if part == "train" else (cut, len(data))
+        ids = open_tokens(tokenize_to_cache(path, tok, start=lo, end=hi, cache_dir=cache_dir, progress=progress,
+                                            data=data))
         if streams:
             streams.append(torch.tensor([EOT_ID], dtype=torch.uint16))
         streams.append(ids)

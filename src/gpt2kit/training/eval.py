@@ -2,9 +2,10 @@
 
 The method of the Hugging Face perplexity guide (huggingface.co/docs/transformers/perplexity): windows
 of `max_length` tokens start every `stride` tokens; each window scores only the tokens that no earlier
-window scored, with up to max_length - stride tokens of context before them. Every token but the first
-of the text is scored exactly once (the guide's code approximates the count of scored tokens per
-window; here it is exact), so the perplexity is exp(total NLL / (N - 1)).
+window scored, with up to max_length - stride tokens of context before them. With stride < max_length
+every token but the text's first is scored exactly once; with stride = max_length the first token of
+each window has no context and is skipped, as in the guide. The guide's code approximates the number of
+tokens a window scores; here it is counted exactly, and perplexity = exp(total NLL / tokens scored).
 """
 from __future__ import annotations
 
@@ -64,12 +65,8 @@ def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, 
     return total, count
 
 
-def perplexity(model, tokenizer, text: str, max_length=None, stride=None, batch_size=8) -> dict:
-    ids = torch.tensor(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True), dtype=torch.int64)
-    return _report(model, ids, len(text.encode("utf-8")), max_length, stride, batch_size)
-
-
-def _report(model, ids, n_bytes, max_length, stride, batch_size) -> dict:
+def report(model, ids: torch.Tensor, n_bytes: int, max_length=None, stride=None, batch_size=8) -> dict:
+    """Perplexity, bits per byte and counts of token ids `ids` (the encoding of `n_bytes` bytes of text)."""
     if len(ids) < 2:
         raise ValueError(f"The text has {len(ids)} token(s); perplexity needs at least 2.")
     max_length = max_length or model.config.n_positions
@@ -87,8 +84,8 @@ def eval_command(args) -> int:
     data = read_text(args.file)
     start = split_point(data, 1.0 - args.val_fraction) if args.val_fraction else 0
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    ids = open_tokens(tokenize_to_cache(args.file, tok, start=start, end=len(data), progress=not args.json))
-    result = _report(model, ids, len(data) - start, args.max_length, args.stride, args.batch_size)
+    ids = open_tokens(tokenize_to_cache(args.file, tok, start=start, end=len(data), progress=not args.json, data=data))
+    result = report(model, ids, len(data) - start, args.max_length, args.stride, args.batch_size)
     result.update(model=name, file=args.file, byte_range=[start, len(data)])
     if args.json:
         print(json.dumps(result))
