@@ -136,12 +136,14 @@ def chart(results, path):
     import matplotlib.pyplot as plt
 
     speed = [c for c in results["cases"] if not c.startswith("ttft")]
-    names = sorted({k for c in speed for k, v in results["cases"][c].items() if isinstance(v, dict)})
+    names = sorted({k for c in speed for k, v in results["cases"][c].items() if isinstance(v, dict)},
+                   key=lambda k: (k != "transformers", k != "gpt2kit", k))
+    colors = {name: f"C{i}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
     width = 0.8 / len(names)
     for i, who in enumerate(names):
         vals = [results["cases"][c].get(who, {}).get("tokens_per_s", 0) for c in speed]
-        axes[0].bar([x + i * width for x in range(len(speed))], vals, width, label=who)
+        axes[0].bar([x + i * width for x in range(len(speed))], vals, width, label=who, color=colors[who])
     axes[0].set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(speed))], speed)
     axes[0].set_ylabel("tokens / s (median)")
     floor = results.get("floor_tokens_per_s_fp32_b1")
@@ -151,7 +153,8 @@ def chart(results, path):
     ttft = [c for c in results["cases"] if c.startswith("ttft")]
     for c in ttft:
         who = [k for k, v in results["cases"][c].items() if isinstance(v, dict)]
-        axes[1].bar(who, [results["cases"][c][w]["seconds"] * 1e3 for w in who], color=["C0", "C1", "C2"][: len(who)])
+        axes[1].bar(who, [results["cases"][c][w]["seconds"] * 1e3 for w in who],
+                    color=[colors.get(w, "C3") for w in who])
         axes[1].set_ylabel(f"{c}: time to first token (ms)")
         axes[1].tick_params(axis="x", labelrotation=20)
     fig.suptitle(f"GPT-2 small generate, {results['device']}, {results['threads']} threads")
