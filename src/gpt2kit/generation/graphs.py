@@ -27,6 +27,8 @@ class GraphRunner(FastRunner):
 
     def __init__(self, model, batch: int, max_len: int, attention_mask, capture: bool | None = None):
         super().__init__(model, batch, max_len, attention_mask)
+        for buf in self.cache.key_cache + self.cache.value_cache:  # read in full (masked): no garbage, no NaN
+            buf.zero_()
         dev = model.device
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)  # keys each row may see
         self.tok = torch.zeros(batch, dtype=torch.long, device=dev)  # the step's inputs, fixed addresses

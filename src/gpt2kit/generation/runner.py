@@ -126,13 +126,23 @@ def _onednn_available() -> bool:
 # float32 products with at least this many rows go through oneDNN (see FastRunner._linear)
 ONEDNN_MIN_ROWS = 4
 
+def _unfilled_static_cache(cfg, batch, max_len, device, dtype) -> StaticCache:
+    """A StaticCache whose buffers are left unfilled (torch.empty): this runner reads only positions it has
+    written, and zero-filling 2 x n_layer buffers costs ~3% of a 512-token prefill (340 MB at batch 32)."""
+    cache = StaticCache(cfg, max_batch_size=batch, max_cache_len=1, device=device, dtype=dtype)
+    shape = (batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+    cache.key_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+    cache.value_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+    cache.max_cache_len = max_len
+    return cache
+
+
 class FastRunner(_RunnerBase):
     def __init__(self, model, batch: int, max_len: int, attention_mask):
         super().__init__(model, batch, max_len, attention_mask)
         cfg = self.cfg
         self.body = model.transformer
-        self.cache = StaticCache(cfg, max_batch_size=batch, max_cache_len=max_len, device=model.device,
-                                 dtype=model.dtype)
+        self.cache = _unfilled_static_cache(cfg, batch, max_len, model.device, model.dtype)
         self.head_t = head_weight_t(model)
         self.H, self.D = cfg.n_head, cfg.n_embd // cfg.n_head
         self.eager = cfg._attn_implementation == "eager" or cfg.reorder_and_upcast_attn
