@@ -140,7 +140,7 @@ def chart(results, path):
                    key=lambda k: (k != "transformers", k != "gpt2kit", k))
     colors = {name: f"C{i}" for i, name in enumerate(names)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.8 / len(names)
+    width = 0.8 / max(1, len(names))
     for i, who in enumerate(names):
         vals = [results["cases"][c].get(who, {}).get("tokens_per_s", 0) for c in speed]
         axes[0].bar([x + i * width for x in range(len(speed))], vals, width, label=who, color=colors[who])
