@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -121,9 +122,15 @@ def train(cfg: TrainConfig) -> dict:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main = rank == 0
     try:
-        return _train(cfg, rank, world, device, main)
+        summary = _train(cfg, rank, world, device, main)  # DDP and its reducer are gone once this returns
+        if world > 1:
+            # every rank reaches the end before any tears down gloo: a rank destroying the group while
+            # another still talks to it aborts that one ("terminate called without an active exception")
+            torch.distributed.barrier()
+        return summary
     finally:
         if world > 1 and torch.distributed.is_initialized():
+            gc.collect()  # free DDP's reducer (held in reference cycles) while its process group still exists
             torch.distributed.destroy_process_group()
 
 
