@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..config import GPT2Config
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, device_unavailable
 from . import formats
 from .hub import ModelNotFoundError, resolve_file
 from .keymap import check_plan, plan_load, to_file_layout, to_model_layout
@@ -62,15 +62,10 @@ def resolve_device(device_map) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device_map must be 'auto', 'cpu', 'cuda', 'cuda:N', an int or a torch.device; "
                          f"got {device_map!r}.") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device_map={device_map!r} asks for a CUDA GPU, but PyTorch sees none here (torch "
-                               f"{torch.__version__}). Use device_map='cpu' or 'auto'.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device_map={device_map!r}: there are only {torch.cuda.device_count()} CUDA device(s).")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device_map={device_map!r} asks for Apple MPS, which is not available. Use 'cpu'.")
-    elif device.type == "meta":
+    problem = device_unavailable(device)
+    if problem:
+        raise RuntimeError(f"device_map={device_map!r} {problem}. Use device_map='cpu' or 'auto'.")
+    if device.type == "meta":
         raise ValueError("device_map='meta' would load no weights; build with torch.device('meta') and from_config instead.")
     return device
 
