@@ -218,6 +218,28 @@ def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
         assert runner.packed_weights(m16) is not packs
 
 
+def test_packed_weights_follow_the_row_hint(sdpa_pair):
+    """One packed layout per model: asking for another row hint rebuilds it, a lookup takes any layout, and a
+    float32 batch decoded from a 32-row layout gives the tokens of a 1-row layout."""
+    from gpt2kit.generation import runner
+
+    _, ours = sdpa_pair
+    p32 = runner.packed_weights(ours, rows_hint=32)
+    if p32 is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    assert runner.packed_weights(ours, rows_hint=32) is p32
+    assert runner.packed_weights(ours, build=False, rows_hint=1) is p32  # a lookup does not throw it away
+    ids, mask = prompts(batch=5, length=9, seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    wide = ours.generate(ids, **kw)  # batch 5: the 32-row layout
+    p1 = runner.packed_weights(ours, rows_hint=1)
+    assert p1 is not p32
+    rows = [ours.generate(ids[i:i + 1, int((mask[i] == 0).sum()):], max_new_tokens=10, pad_token_id=0)
+            for i in range(ids.shape[0])]  # batch 1, unpadded: the 1-row layout
+    for i, r in enumerate(rows):
+        assert torch.equal(wide[i, -10:], r[0, -10:])
+
+
 def test_batched_decode_through_onednn_matches_transformers(sdpa_pair):
     """Batches of 4+ rows decode through oneDNN's GEMM; tokens still agree with transformers."""
     hf, ours = sdpa_pair

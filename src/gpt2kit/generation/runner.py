@@ -22,7 +22,7 @@ _HEAD_T: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def head_weight_t(model):
-    """An [in, out] copy of the LM head for float32 on CPU, or None.
+    """An [in, out] copy of the LM head for float32 on CPU, or None; used only where no packed weights are.
 
     Measured on this CPU (benchmarks/generate.py): a batch-1 float32 product against the 768 x 50257
     head takes ~6 ms from an [in, out] copy against ~12 ms through F.linear on the [out, in] table, for
@@ -49,16 +49,26 @@ def _projections(model):
     return [p for blk in model.transformer.h for p in (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)]
 
 
-def packed_weights(model, build: bool = True):
+def pack_rows_hint(dtype, batch: int) -> int:
+    """The row count oneDNN lays a packed weight out for. It matters in float32 only: measured on this AMD
+    EPYC (2 threads, weights not in cache, GPT-2 small's matrices), at 32 rows a layout for 32 rows runs the
+    four block products in 0.65/0.82/0.80 ms against 0.80/1.15/1.04 ms for a 1-row layout, and the 768 x 50257
+    head in 13.2 against 16.6 ms; layouts for 8, 32 or 128 rows are alike from 4 to 64 rows. In bfloat16 the
+    hint changes nothing measurable."""
+    return 32 if dtype == torch.float32 and batch > 1 else 1
+
+
+def packed_weights(model, build: bool = True, rows_hint: int = 1):
     """oneDNN-packed copies of every projection and of the LM head (CPU, float32 or bfloat16), or None.
 
     oneDNN re-lays a plain weight out into its blocked format on every call; packing once gives the same
     products (bit for bit in bfloat16) faster. Measured on this AMD EPYC, one thread, weights not in cache:
     bfloat16 at batch 1, the 12 blocks' 48 matrices 39 ms packed against 60 ms plain, the head 13.5 against
-    29 ms; float32 at 8 rows, 36 against 60 ms and 17 against 28.5 ms (at 1 row float32 addmm stays faster,
-    so the engine packs float32 only for batches of 4+). It costs a second copy of the weights (GPT-2 small:
-    250 MB in bf16, 500 MB in fp32), kept per model, rebuilt when a weight changes, and never made past
-    PACK_LIMIT_BYTES. build=False only returns copies already made."""
+    29 ms; float32 at 1 row (2 threads) 20.1 against 28.7 ms per GPT-2 small decode step for the model's
+    own addmm, at 8 rows 36 against 60 ms and 17 against 28.5 ms. rows_hint: see
+    pack_rows_hint. It costs a second copy of the weights (GPT-2 small: 250 MB in bf16, 500 MB in fp32), kept
+    per model (one layout at a time), rebuilt when a weight or the hint changes, and never made past
+    PACK_LIMIT_BYTES. build=False only returns copies already made, in whatever layout."""
     projs = _projections(model)
     head = model.lm_head.weight
     dtype = head.dtype
@@ -73,16 +83,17 @@ def packed_weights(model, build: bool = True):
         except (AttributeError, RuntimeError):
             return None
     weights = [p.weight for p in projs] + [head]
-    key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+    key = (rows_hint,) + tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
     hit = _PACKED.get(model)
-    if hit is not None and hit[0] == key:
+    if hit is not None and (hit[0] == key or not build and hit[0][1:] == key[1:]):  # any layout serves a lookup
         return hit[1]
     _PACKED.pop(model, None)  # free a stale copy before building the new one
     if not build or sum(w.numel() * w.element_size() for w in weights) > PACK_LIMIT_BYTES:
         return None
     with torch.no_grad():
-        packs = {p: torch.ops.mkldnn._reorder_linear_weight(p.weight.detach().t().contiguous(), 1) for p in projs}
-        packs["head"] = torch.ops.mkldnn._reorder_linear_weight(head.detach(), 1)
+        packs = {p: torch.ops.mkldnn._reorder_linear_weight(p.weight.detach().t().contiguous(), rows_hint)
+                 for p in projs}
+        packs["head"] = torch.ops.mkldnn._reorder_linear_weight(head.detach(), rows_hint)
     _PACKED[model] = (key, packs)
     return packs
 
@@ -143,31 +154,30 @@ class FastRunner(_RunnerBase):
         cfg = self.cfg
         self.body = model.transformer
         self.cache = _unfilled_static_cache(cfg, batch, max_len, model.device, model.dtype)
-        self.head_t = head_weight_t(model)
         self.H, self.D = cfg.n_head, cfg.n_embd // cfg.n_head
         self.eager = cfg._attn_implementation == "eager" or cfg.reorder_and_upcast_attn
         dev, dtype = model.device, model.dtype
         self.onednn = dev.type == "cpu" and dtype == torch.float32 and _onednn_available()
-        # bf16: always packed; fp32: packed for batches of 4+ (see packed_weights)
-        self.packed = packed_weights(model, build=dtype == torch.bfloat16 or batch >= ONEDNN_MIN_ROWS)
-        self.packed_all_rows = self.packed is not None and dtype == torch.bfloat16
+        # every product through oneDNN-packed weights where they can be had (see packed_weights)
+        self.packed = packed_weights(model, rows_hint=pack_rows_hint(dtype, batch))
+        self.head_t = head_weight_t(model) if self.packed is None else None
         # GPT-2's tanh GELU fused into oneDNN's GEMM, as the model's own bf16 path does
         self.fused_gelu = cfg.activation_function in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
     def _linear(self, proj, x):
-        """x (N, in) through a Projection. On CPU in float32, with N >= ONEDNN_MIN_ROWS, oneDNN's GEMM reads
-        the [in, out] weight through a transposed view (no copy): measured on this AMD EPYC (one thread, the
-        12 blocks' matrices, weights not in cache) 50 ms against 71 ms for addmm at N=8, 111 against 142 at 32,
-        1228 against 1354 ms at 512, as MKL takes a generic path on AMD CPUs; below that addmm is faster.
-        It sums in another order: results differ from addmm's in the last bits."""
-        if self.packed is not None and (self.packed_all_rows or x.shape[0] >= ONEDNN_MIN_ROWS):
+        """x (N, in) through a Projection: oneDNN's GEMM on the packed weight where there is one (it sums in
+        another order than addmm: results differ in the last bits). Without one (a build lacking oneDNN, or
+        weights past PACK_LIMIT_BYTES), float32 from ONEDNN_MIN_ROWS rows reads the [in, out] weight through a
+        transposed view (no copy): measured on this AMD EPYC 50 against 71 ms for addmm at N=8 for the 12
+        blocks' matrices, as MKL takes a generic path on AMD CPUs."""
+        if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed[proj], proj.bias, "none", [], "")
         if self.onednn and x.shape[0] >= ONEDNN_MIN_ROWS and isinstance(proj, Projection):
             return torch.ops.mkldnn._linear_pointwise(x, proj.weight.t(), proj.bias, "none", [], "")
         return proj(x)
 
     def logits(self, x):  # (B, C) -> (B, V)
-        if self.packed is not None and (self.packed_all_rows or x.shape[0] >= ONEDNN_MIN_ROWS):
+        if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed["head"], None, "none", [], "")
         if self.onednn and x.shape[0] >= ONEDNN_MIN_ROWS:  # same measurement: 25 ms against 39 at 8 rows
             return torch.ops.mkldnn._linear_pointwise(x, self.model.lm_head.weight, None, "none", [], "")
@@ -206,7 +216,7 @@ class FastRunner(_RunnerBase):
         h = blk.ln_2(x)
         mlp = blk.mlp
         rows = B * T
-        if self.packed_all_rows or (self.onednn and rows >= ONEDNN_MIN_ROWS):
+        if self.packed is not None or (self.onednn and rows >= ONEDNN_MIN_ROWS):
             h = h.reshape(rows, C)
             if self.fused_gelu:  # oneDNN's tanh GELU in the GEMM's epilogue: within ~3e-6 of the formula,
                 # and 12 passes over a (rows, 3072) tensor fewer (a 512-token prompt: 885 against 1082 ms)
