@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache
+from .training_linear import training_linear, use_training_linear
 
 
 class Projection(nn.Module):
@@ -34,7 +35,10 @@ class Projection(nn.Module):
             algorithm = {"gelu_tanh": "tanh", "gelu_erf": "none"}.get(activation, "")
             attr = "gelu" if activation.startswith("gelu") else activation
             return torch.ops.mkldnn._linear_pointwise(x2, self.weight.t(), self.bias, attr, [], algorithm).view(shape)
-        y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
+        if use_training_linear(x2, self.weight):  # float32 training on CPU: oneDNN forward and backward
+            y = training_linear(x2, self.weight, self.bias)
+        else:
+            y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
         if activation != "none":
             y = ACTIVATIONS[ONEDNN_ACTIVATIONS_INV[activation]](y)
         return y.view(shape)  # (..., out)
@@ -226,6 +230,11 @@ class MLP(nn.Module):
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         if self.fused_act is not None and use_onednn(x.reshape(-1, x.shape[-1]), self.c_fc.weight):
             h = self.c_fc(x, activation=self.fused_act)  # (B, T, inner), GELU fused into the GEMM
+        elif self.fused_act == "gelu_tanh" and torch.is_grad_enabled() and self.c_fc.weight.requires_grad:
+            # training: PyTorch's one-kernel tanh GELU (and its one-kernel backward) instead of the five-op
+            # formula, which autograd differentiates op by op: 7 against 36 ms forward + backward on a
+            # (1024, 3072) float32 input; the two agree within 2.4e-7
+            h = F.gelu(self.c_fc(x), approximate="tanh")
         else:
             h = self.act(self.c_fc(x))
         return self.dropout(self.c_proj(h))

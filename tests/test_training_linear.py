@@ -1,0 +1,66 @@
+"""The float32 CPU training path of a projection (oneDNN forward and backward) against autograd through addmm,
+and the fused LM-head loss in bfloat16 against the plain computation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2kit.model.training_linear import onednn_linear_available, training_linear, use_training_linear
+from gpt2kit.training import loss as loss_mod
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows,d_in,d_out", [(7, 16, 48), (300, 64, 96)])
+def test_training_linear_matches_addmm_and_its_gradients(rows, d_in, d_out, bias):
+    torch.manual_seed(0)
+    x = torch.randn(rows, d_in, requires_grad=True)
+    w = torch.randn(d_in, d_out, requires_grad=True)  # [in, out], GPT-2's layout
+    b = torch.randn(d_out, requires_grad=True) if bias else None
+    g = torch.randn(rows, d_out)
+    assert use_training_linear(x, w)
+    y = training_linear(x, w, b)
+    y.backward(g)
+    ours = [y.detach()] + [p.grad.clone() for p in (x, w, b) if p is not None]
+    for p in (x, w, b):
+        if p is not None:
+            p.grad = None
+    y_ref = torch.addmm(b, x, w) if bias else x @ w
+    y_ref.backward(g)
+    ref = [y_ref.detach()] + [p.grad for p in (x, w, b) if p is not None]
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6 * rows)  # sums of `rows` products, another order
+
+
+def test_training_linear_is_used_only_where_it_applies():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 3, requires_grad=True)
+    with torch.no_grad():
+        assert not use_training_linear(x, w)  # inference keeps addmm (bit for bit the reference's)
+    assert not use_training_linear(x.detach().bfloat16(), w.detach().bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_training_linear(x, w)  # autocast's own bf16 products
+
+
+@pytest.mark.parametrize("limit", [None, 0])  # one weight-gradient GEMM at the end / one per chunk
+def test_fused_loss_in_bfloat16_matches_the_plain_computation(monkeypatch, limit):
+    if limit is not None:
+        monkeypatch.setattr(loss_mod, "G_BUFFER_LIMIT_BYTES", limit)
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, requires_grad=True)
+    w = (0.5 * torch.randn(301, 32)).requires_grad_()
+    t = torch.randint(0, 301, (40,))
+    t[[3, 17]] = -100
+    ours = loss_mod.linear_cross_entropy(h, w, t, chunk=16, compute_dtype=torch.bfloat16)
+    ours.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    logits = (h.bfloat16() @ w.bfloat16().t()).float()
+    ref = F.cross_entropy(logits, t, ignore_index=-100)
+    ref.backward()
+    assert gw.dtype == torch.float32 and gh.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-3)
+    # bf16 products: compare at bf16's resolution, relative to the gradients' scale
+    assert (gh - h.grad).abs().max() <= 2e-2 * h.grad.abs().max()
+    assert (gw - w.grad).abs().max() <= 2e-2 * w.grad.abs().max()
