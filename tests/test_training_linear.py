@@ -64,3 +64,23 @@ def test_fused_loss_in_bfloat16_matches_the_plain_computation(monkeypatch, limit
     # bf16 products: compare at bf16's resolution, relative to the gradients' scale
     assert (gh - h.grad).abs().max() <= 2e-2 * h.grad.abs().max()
     assert (gw - w.grad).abs().max() <= 2e-2 * w.grad.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_workspace_survives_two_forwards_before_backward(dtype):
+    """A reused workspace holds only scratch: summing two losses made with it, then one backward, gives the
+    gradients of the plain computation (nothing saved for backward is overwritten by the second forward)."""
+    torch.manual_seed(1)
+    w = (0.5 * torch.randn(97, 16)).requires_grad_()
+    hs = [torch.randn(12, 16, requires_grad=True) for _ in range(2)]
+    ts = [torch.randint(0, 97, (12,)) for _ in range(2)]
+    ws = loss_mod.Workspace()
+    total = sum(loss_mod.linear_cross_entropy(h, w, t, chunk=5, compute_dtype=dtype, workspace=ws) for h, t in zip(hs, ts))
+    total.backward()
+    ours = [w.grad.clone()] + [h.grad.clone() for h in hs]
+    for p in [w] + hs:
+        p.grad = None
+    ref = sum(F.cross_entropy((h.to(dtype) @ w.to(dtype).t()).float(), t) for h, t in zip(hs, ts))
+    ref.backward()
+    for a, r in zip(ours, [w.grad] + [h.grad for h in hs]):
+        assert (a - r).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2) * r.abs().max()

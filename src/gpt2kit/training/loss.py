@@ -23,21 +23,44 @@ IGNORE_INDEX = -100
 G_BUFFER_LIMIT_BYTES = 512 << 20
 
 
-def _head_logits(h, w):
-    """h (n, C) @ w (V, C)^T. float32 on CPU through oneDNN: MKL's generic path on AMD runs this product at
-    ~110 GFLOP/s against ~175 (measured, GPT-2 small's head, 256 rows)."""
+class Workspace:
+    """Scratch tensors that live only inside one forward of the fused loss, kept from call to call.
+
+    On this machine (a KVM guest) touching freshly allocated memory is what costs: a bf16 -> float32 copy of
+    a (256, 50257) chunk takes 24 ms into a new tensor and 2 ms into a reused one, so the weight's
+    low-precision copy and the per-chunk logits are written into buffers made once. Nothing handed to
+    autograd (the returned gradients) ever lives here, so a second forward before the first backward is safe.
+    """
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape, dtype, device) -> torch.Tensor:
+        t = self._bufs.get(name)
+        if t is None or t.shape != torch.Size(shape) or t.dtype != dtype or t.device != device:
+            self._bufs.pop(name, None)  # free the old one first
+            t = self._bufs[name] = torch.empty(shape, dtype=dtype, device=device)
+        return t
+
+
+def _head_logits(h, w, out):
+    """h (n, C) @ w (V, C)^T, into `out` (n, V) where that pays. float32 on CPU goes through oneDNN (into a new
+    tensor: the op has no out= form): MKL's generic path on AMD runs this product at ~110 GFLOP/s against
+    ~175 (measured, GPT-2 small's head, 256 rows)."""
     if h.dtype == torch.float32 and h.device.type == "cpu" and onednn_linear_available():
         return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
-    return h @ w.t()
+    return torch.mm(h, w.t(), out=out)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, chunk: int, compute_dtype, want_grad: bool):
+    def forward(ctx, hidden, weight, target, chunk: int, compute_dtype, want_grad: bool, ws: Workspace):
         # hidden: (N, C); weight: (V, C) (the tied embedding); target: (N,) with -100 = ignore
+        dev = hidden.device
         h = hidden.to(compute_dtype)
-        w = weight.to(compute_dtype)
+        w = weight if weight.dtype == compute_dtype else ws.get("w", weight.shape, compute_dtype, dev).copy_(weight)
         N, V = h.shape[0], w.shape[0]
+        n_max = min(chunk, N)
         valid = target != IGNORE_INDEX
         n_valid = int(valid.sum())
         safe_target = torch.where(valid, target, 0)
@@ -51,12 +74,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # instead of a low-precision product per chunk upcast and summed
         g_all = None
         if need_w and compute_dtype != torch.float32 and N * V * h.element_size() <= G_BUFFER_LIMIT_BYTES:
-            g_all = torch.empty(N, V, dtype=compute_dtype, device=h.device)
+            g_all = ws.get("g_all", (N, V), compute_dtype, dev)
         rows = torch.arange(min(chunk, N), device=h.device)
         for s in range(0, N, chunk):
             hc, t, keep = h[s: s + chunk], safe_target[s: s + chunk], valid[s: s + chunk]
             r = rows[: hc.shape[0]]
-            logits = _head_logits(hc, w).float()  # (n, V)
+            n = hc.shape[0]
+            logits = _head_logits(hc, w, ws.get("logits_lp", (n_max, V), compute_dtype, dev)[:n])  # (n, V)
+            if logits.dtype != torch.float32:
+                logits = ws.get("logits", (n_max, V), torch.float32, dev)[:n].copy_(logits)
             target_logit = logits[r, t]  # (n,)
             top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
             probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
@@ -82,7 +108,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w.addmm_(g.t(), hc)
         if g_all is not None:
-            grad_w = (g_all.t() @ h).float()  # (V, C)
+            grad_w = torch.mm(g_all.t(), h, out=ws.get("grad_w_lp", weight.shape, compute_dtype, dev)).float()  # (V, C)
         elif need_w and grad_w is None:  # no rows at all
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
@@ -102,21 +128,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
         grad_h = scaled(saved.pop(0), h_dtype) if need_h else None
         grad_w = scaled(saved.pop(0), w_dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, chunk: int = 256,
-                         compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         compute_dtype: torch.dtype | None = None, workspace: Workspace | None = None) -> torch.Tensor:
     """mean_i CE(hidden_i @ weight^T, target_i) over targets != -100, without materialising all logits.
 
     hidden (N, C), weight (V, C), target (N,). `compute_dtype` is the matmul precision (default: autocast's
-    when autocast is on, else hidden's); the log-sum-exp and the loss are float32 either way."""
+    when autocast is on, else hidden's); the log-sum-exp and the loss are float32 either way. `workspace`
+    keeps the scratch buffers for the next call (a training loop passes the same one every step)."""
     if compute_dtype is None:
         device_type = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        return _LinearCrossEntropy.apply(hidden, weight, target, chunk, compute_dtype, want_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, target, chunk, compute_dtype, want_grad,
+                                         workspace if workspace is not None else Workspace())
 
 
 class CausalLMLoss(nn.Module):
@@ -126,6 +154,7 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model, fused: bool = True, chunk: int = 256):
         super().__init__()
         self.model, self.fused, self.chunk = model, fused, chunk
+        self.workspace = Workspace()  # scratch kept across steps (see Workspace)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # x, y: (B, T) inputs and their next tokens
@@ -133,4 +162,5 @@ class CausalLMLoss(nn.Module):
             logits = self.model(input_ids=x, use_cache=False).logits  # (B, T, V)
             return nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         hidden = self.model.transformer(input_ids=x, use_cache=False).last_hidden_state  # (B, T, C)
-        return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, y.flatten(), self.chunk)
+        return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, y.flatten(), self.chunk,
+                                    workspace=self.workspace)
