@@ -300,3 +300,27 @@ def test_use_safetensors_chooses_the_format(lm, tmp_path):
     os.remove(tmp_path / "both" / "model.safetensors")
     with pytest.raises(ModelNotFoundError, match="use_safetensors=True excludes pytorch_model.bin"):
         GPT2LMHeadModel.from_pretrained(tmp_path / "both", use_safetensors=True)
+
+
+def test_skipped_init_while_loading_is_confined_to_the_loading_thread():
+    """from_pretrained turns torch.nn.init's fills into no-ops while it builds the model on meta; another thread
+    initialising its own tensors meanwhile still gets real fills, and the originals come back afterwards."""
+    import threading
+
+    from gpt2kit.weights.checkpoint import _skip_init
+
+    before = torch.nn.init.normal_
+    seen = {}
+
+    def other_thread():
+        seen["filled"] = torch.nn.init.normal_(torch.zeros(64)).abs().sum().item()
+        seen["ones"] = torch.nn.init.ones_(torch.zeros(4)).tolist()
+
+    with _skip_init():
+        mine = torch.nn.init.normal_(torch.zeros(64))
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert mine.abs().sum().item() == 0.0  # skipped here
+    assert seen["filled"] > 0 and seen["ones"] == [1.0] * 4  # filled there
+    assert torch.nn.init.normal_ is before

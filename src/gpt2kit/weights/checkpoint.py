@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 
 import torch
 
@@ -183,25 +184,34 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
     return model
 
 
+_INIT_NAMES = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+               "trunc_normal_", "zeros_", "ones_", "constant_")
+_INIT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _skip_init():
-    """Make torch.nn.init's fills no-ops while a model is built on meta: the checkpoint overwrites every
-    weight anyway, and on meta tensors `normal_` runs through a Python reference that imports torch._dynamo
-    (2.8 s and ~100 MB on first use, measured)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
-             "trunc_normal_", "zeros_", "ones_", "constant_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    for n in names:
-        setattr(torch.nn.init, n, _keep)
-    try:
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
+    """Make torch.nn.init's fills no-ops, for this thread only, while a model is built on meta: the checkpoint
+    overwrites every weight anyway, and on meta tensors `normal_` runs through a Python reference that imports
+    torch._dynamo (2.8 s and ~100 MB on first use, measured). The module-level functions are swapped for the
+    duration, so other threads see wrappers that still fill; a lock keeps two loads from interleaving their
+    swaps, and the originals come back on exit."""
+    loader = threading.get_ident()
 
+    def only_elsewhere(fill):
+        def maybe_fill(tensor, *args, **kwargs):
+            return tensor if threading.get_ident() == loader else fill(tensor, *args, **kwargs)
+        return maybe_fill
 
-def _keep(tensor, *args, **kwargs):
-    return tensor
+    with _INIT_LOCK:
+        saved = {n: getattr(torch.nn.init, n) for n in _INIT_NAMES}
+        for n, fill in saved.items():
+            setattr(torch.nn.init, n, only_elsewhere(fill))
+        try:
+            yield
+        finally:
+            for n, fill in saved.items():
+                setattr(torch.nn.init, n, fill)
 
 
 def _init_fresh(model, names, loaded, device, dtype) -> None:
