@@ -85,3 +85,25 @@ def test_fused_loss_workspace_survives_two_forwards_before_backward(dtype):
     ref.backward()
     for a, r in zip(ours, [w.grad] + [h.grad for h in hs]):
         assert (a - r).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2) * r.abs().max()
+
+
+def test_fused_loss_backward_twice_and_scaled():
+    """retain_graph=True then a second backward doubles the gradients; a scaled loss scales them (the mean's
+    gradients are stored pre-divided and handed out as they are only for a plain loss.backward())."""
+    torch.manual_seed(0)
+    w = torch.randn(50, 8, requires_grad=True)
+    ids, t = torch.randint(0, 50, (12,)), torch.randint(0, 50, (12,))
+
+    def loss():  # tied: the same weight embeds the inputs and scores the outputs
+        return loss_mod.linear_cross_entropy(F.embedding(ids, w) * 1.5, w, t)
+
+    ref_loss = F.cross_entropy((F.embedding(ids, w) * 1.5) @ w.t(), t)
+    (g_ref,) = torch.autograd.grad(ref_loss, w)
+    first = loss()
+    first.backward(retain_graph=True)
+    torch.testing.assert_close(w.grad, g_ref)
+    first.backward()
+    torch.testing.assert_close(w.grad, 2 * g_ref)
+    w.grad = None
+    (3 * loss()).backward()
+    torch.testing.assert_close(w.grad, 3 * g_ref)
