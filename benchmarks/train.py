@@ -9,6 +9,10 @@ Each precision setting (float32, bfloat16 autocast) is applied to both sides ali
 (median step time) and the ratio, and the ratio by process CPU time, which a machine shared with other
 jobs disturbs less (with --threads 1 it counts no spinning threads).
 
+Each row (config x precision) runs in a fresh process of its own (--same-process runs them all in this one):
+a row's allocations change the next row's figures through glibc's heap (measured: transformers' bf16 GPT-2
+small step went from 215-267 to 312-325 tokens/s when float32 rows had run before it in the process).
+
     python benchmarks/train.py                                  # both model sizes, float32 and bf16 autocast
     python benchmarks/train.py --configs small4 --steps 6 --precisions bf16
 """
@@ -19,6 +23,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -95,6 +101,20 @@ def measure(config, precision, steps, warmup, device, compile_body=False):
     return row
 
 
+def run_row(args, config, precision) -> dict:
+    """One row in a fresh interpreter with the same settings."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, precision, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--device", args.device]
+    if args.compile:
+        cmd.append("--compile")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"row {config}/{precision} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="small4,gpt2", help=f"comma-separated, of {', '.join(CONFIGS)}")
@@ -105,10 +125,16 @@ def main():
     ap.add_argument("--compile", action="store_true", help="compile gpt2kit's body (gpt2kit train --compile)")
     ap.add_argument("--threads", type=int, help="torch threads (1 makes CPU time a fair measure on a shared machine)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "train.json"))
+    ap.add_argument("--same-process", action="store_true", help="run every row in this process (rows then "
+                    "influence each other through the allocator's state)")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)  # config precision: one row, JSON on stdout
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure(*args.worker, args.steps, args.warmup, device, args.compile)))
+        return
     import transformers
 
     rows = []
@@ -118,7 +144,10 @@ def main():
           f" {'ratio by CPU time':>18}")
     for config in args.configs.split(","):
         for precision in args.precisions.split(","):
-            row = measure(config, precision, args.steps, args.warmup, device, args.compile)
+            if args.same_process:
+                row = measure(config, precision, args.steps, args.warmup, device, args.compile)
+            else:
+                row = run_row(args, config, precision)
             rows.append(row)
             print(f"{config:8} {precision:5} {row['batch']:>4}x{row['seq_len']:<4} {row['transformers_tok_s']:>19.1f} "
                   f"{row['gpt2kit_tok_s']:>14.1f} {row['ratio']:>5.2f}x {row['cpu_ratio']:>17.2f}x", flush=True)
