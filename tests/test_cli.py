@@ -107,3 +107,24 @@ def test_help_describes_every_command(capsys):
     for command in ("generate", "train", "eval"):
         code, out, _ = run([command, "--help"], capsys)
         assert code == 0 and f"gpt2kit {command}" in out and "--model" in out
+
+
+def test_the_command_keeps_freed_memory_for_reuse_unless_told_not_to(monkeypatch):
+    """The gpt2kit command tunes glibc's malloc for its own process (allocator.py); a user's own malloc
+    settings, a preloaded allocator or GPT2KIT_DEFAULT_MALLOC=1 leave it alone."""
+    import sys
+
+    from gpt2kit import allocator
+
+    for name in ("GPT2KIT_DEFAULT_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
+                 "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("GPT2KIT_DEFAULT_MALLOC", "1"), ("LD_PRELOAD", "/usr/lib/libjemalloc.so"),
+                        ("MALLOC_TRIM_THRESHOLD_", "0")):
+        monkeypatch.setenv(name, value)
+        assert allocator.keep_freed_memory_for_reuse() is False
+        monkeypatch.delenv(name)
+    import ctypes.util
+
+    glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
+    assert allocator.keep_freed_memory_for_reuse() is glibc
