@@ -128,3 +128,10 @@ def test_the_command_keeps_freed_memory_for_reuse_unless_told_not_to(monkeypatch
 
     glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
     assert allocator.keep_freed_memory_for_reuse() is glibc
+
+
+def test_an_unrecognized_argument_next_to_a_long_prompt_gives_a_short_line(capsys):
+    prompt = "word " * 400
+    code, out, err = run(["generate", "--bogus-flag", "3", prompt], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--bogus-flag" in err and "more characters" in err and len(err) < 400

@@ -24,6 +24,8 @@ class Parser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line (not the whole usage block)."""
 
     def error(self, message):
+        if len(message) > 300:  # argparse echoes unrecognized arguments whole: a long prompt would fill the screen
+            message = f"{message[:240]}... ({len(message) - 240} more characters)"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
