@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2kit.model.training_linear import onednn_linear_available, training_linear, use_training_linear
+from gpt2kit.model.onednn import linear_available as onednn_linear_available
+from gpt2kit.model.training_linear import training_linear, use_training_linear
 from gpt2kit.training import loss as loss_mod
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")

@@ -13,6 +13,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..model import onednn
 from ..model.cache import DynamicCache, StaticCache
 from ..model.gpt2 import self_attention_mask
 from ..model.layers import Projection, additive, causal_additive_mask, eager_attention
@@ -72,16 +73,12 @@ def packed_weights(model, build: bool = True, rows_hint: int = 1):
     projs = _projections(model)
     head = model.lm_head.weight
     dtype = head.dtype
-    if head.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not _onednn_available():
+    if head.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not onednn.linear_available():
         return None
     if any(not isinstance(p, Projection) or p.weight.dtype != dtype for p in projs):
         return None
-    if dtype == torch.bfloat16:
-        try:
-            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                return None
-        except (AttributeError, RuntimeError):
-            return None
+    if dtype == torch.bfloat16 and not onednn.bf16_available():
+        return None
     weights = [p.weight for p in projs] + [head]
     key = (rows_hint,) + tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
     hit = _PACKED.get(model)
@@ -127,13 +124,6 @@ class _RunnerBase:
         self._select_cache(rows)
 
 
-def _onednn_available() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    except (AttributeError, RuntimeError):  # a build without the private op
-        return False
-
-
 # float32 products with at least this many rows go through oneDNN (see FastRunner._linear)
 ONEDNN_MIN_ROWS = 4
 
@@ -157,7 +147,7 @@ class FastRunner(_RunnerBase):
         self.H, self.D = cfg.n_head, cfg.n_embd // cfg.n_head
         self.eager = cfg._attn_implementation == "eager" or cfg.reorder_and_upcast_attn
         dev, dtype = model.device, model.dtype
-        self.onednn = dev.type == "cpu" and dtype == torch.float32 and _onednn_available()
+        self.onednn = dev.type == "cpu" and dtype == torch.float32 and onednn.linear_available()
         # every product through oneDNN-packed weights where they can be had (see packed_weights)
         self.packed = packed_weights(model, rows_hint=pack_rows_hint(dtype, batch))
         self.head_t = head_weight_t(model) if self.packed is None else None

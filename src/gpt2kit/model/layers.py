@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import onednn
 from .cache import Cache
 from .training_linear import training_linear, use_training_linear
 
@@ -74,7 +75,6 @@ ACTIVATIONS = {
 ONEDNN_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                       "gelu": "gelu_erf", "gelu_python": "gelu_erf", "relu": "relu"}
 ONEDNN_ACTIVATIONS_INV = {"gelu_tanh": "gelu_pytorch_tanh", "gelu_erf": "gelu", "relu": "relu"}
-_onednn_ok = None
 
 
 FUSED_F32_MIN_ROWS = 256  # float32 takes the fused path only for prefill-sized inputs (see use_onednn)
@@ -90,7 +90,6 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
       than addmm (~1e-6 relative). Shorter inputs and decode steps keep addmm and the explicit GELU formula,
       bit for bit the reference's.
     """
-    global _onednn_ok
     if x.device.type != "cpu" or weight.dtype != x.dtype:
         return False
     if x.dtype == torch.float32:
@@ -100,13 +99,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    if _onednn_ok is None:
-        try:
-            _onednn_ok = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                              and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-        except (AttributeError, RuntimeError):  # a torch build without the private op
-            _onednn_ok = False
-    return _onednn_ok
+    return onednn.linear_available() and onednn.bf16_available()
 
 
 def get_activation(name: str):

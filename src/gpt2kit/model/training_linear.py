@@ -11,17 +11,7 @@ from __future__ import annotations
 
 import torch
 
-_available = None
-
-
-def onednn_linear_available() -> bool:
-    global _available
-    if _available is None:
-        try:
-            _available = bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-        except (AttributeError, RuntimeError):  # a torch build without the private op
-            _available = False
-    return _available
+from . import onednn
 
 
 def use_training_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -32,7 +22,7 @@ def use_training_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
-    return onednn_linear_available()
+    return onednn.linear_available()
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.training_linear import onednn_linear_available
+from ..model import onednn
 
 IGNORE_INDEX = -100
 
@@ -48,7 +48,7 @@ def _head_logits(h, w, out):
     """h (n, C) @ w (V, C)^T, into `out` (n, V) where that pays. float32 on CPU goes through oneDNN (into a new
     tensor: the op has no out= form): MKL's generic path on AMD runs this product at ~110 GFLOP/s against
     ~175 (measured, GPT-2 small's head, 256 rows)."""
-    if h.dtype == torch.float32 and h.device.type == "cpu" and onednn_linear_available():
+    if h.dtype == torch.float32 and h.device.type == "cpu" and onednn.linear_available():
         return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
     return torch.mm(h, w.t(), out=out)
 
@@ -76,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_all = None
         if need_w and compute_dtype != torch.float32 and N * V * h.element_size() <= G_BUFFER_LIMIT_BYTES:
             g_all = ws.get("g_all", (N, V), compute_dtype, dev)
-        rows = torch.arange(min(chunk, N), device=h.device)
+        rows = torch.arange(n_max, device=h.device)
         for s in range(0, N, chunk):
             hc, t, keep = h[s: s + chunk], safe_target[s: s + chunk], valid[s: s + chunk]
             r = rows[: hc.shape[0]]
