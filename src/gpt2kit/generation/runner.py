@@ -127,6 +127,7 @@ class _RunnerBase:
 # float32 products with at least this many rows go through oneDNN (see FastRunner._linear)
 ONEDNN_MIN_ROWS = 4
 
+
 def _unfilled_static_cache(cfg, batch, max_len, device, dtype) -> StaticCache:
     """A StaticCache whose buffers are left unfilled (torch.empty): this runner reads only positions it has
     written, and zero-filling 2 x n_layer buffers costs ~3% of a 512-token prefill (340 MB at batch 32)."""
