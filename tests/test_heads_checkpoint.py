@@ -56,14 +56,18 @@ def test_round_trip_both_ways(ours_cls, tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     ours = ours_cls.from_pretrained(tmp_path / "hf")
     there = max_diff(outputs(hf, x), outputs(ours, x))
-    assert there == 0.0  # transformers -> gpt2kit: bit-identical
+    # transformers -> gpt2kit: bit-identical, except that the sequence classifier scores only the pooled rows
+    # ((B, C) @ W) where the reference scores all B*T rows and then gathers: a BLAS may round the two product
+    # shapes differently in the last bit (it does with MKL on AVX-512 Xeons)
+    tol = 1e-6 if ours_cls is GPT2ForSequenceClassification else 0.0
+    assert there <= tol
     for k in head_keys:
         assert torch.equal(ours.state_dict()[k], hf.state_dict()[k])
     ours.save_pretrained(tmp_path / "ours")
     back = hf_cls.from_pretrained(tmp_path / "ours").eval()
     back_diff = max_diff(outputs(back, x), outputs(ours, x))
     print(f"\n{ours_cls.__name__}: max |diff| transformers->gpt2kit {there:.1e}, gpt2kit->transformers {back_diff:.1e}")
-    assert back_diff == 0.0
+    assert back_diff <= tol
     assert back.config.num_labels == ours.config.num_labels == hf.config.num_labels
 
 

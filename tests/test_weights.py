@@ -209,7 +209,7 @@ def test_dtype_device_map_attn_and_overrides(lm, tmp_path):
     with pytest.raises(NotImplementedError, match="quantization_config"):
         GPT2LMHeadModel.from_pretrained(d, quantization_config={"load_in_8bit": True})
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA.*device_map='cpu'"):
+        with pytest.raises(RuntimeError, match="CUDA.*Use 'cpu'"):
             GPT2LMHeadModel.from_pretrained(d, device_map="cuda")
     cfg_obj = GPT2Config.from_pretrained(d)
     m = GPT2LMHeadModel.from_pretrained(d, config=cfg_obj, output_attentions=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from .config import GPT2Config
+from .errors import InvalidInputError
 
 
 class AutoConfig:
@@ -21,7 +22,7 @@ class AutoConfig:
     @staticmethod
     def for_model(model_type: str = "gpt2", **kwargs) -> GPT2Config:
         if model_type != "gpt2":
-            raise ValueError(f"gpt2kit builds GPT-2 models only, not {model_type!r}.")
+            raise InvalidInputError(f"gpt2kit builds GPT-2 models only, not {model_type!r}.")
         return GPT2Config(**kwargs)
 
 

@@ -16,6 +16,7 @@ import os
 import sys
 
 from .allocator import keep_freed_memory_for_reuse
+from .errors import GPT2KitError
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
@@ -27,10 +28,6 @@ class Parser(argparse.ArgumentParser):
         if len(message) > 300:  # argparse echoes unrecognized arguments whole: a long prompt would fill the screen
             message = f"{message[:240]}... ({len(message) - 240} more characters)"
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class UserError(Exception):
-    """A problem with what the user asked for; reported as one line."""
 
 
 # -- argument types that reject bad values with a clear message --------------------------------------
@@ -111,9 +108,9 @@ def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
     from .auto import AutoModelForCausalLM
     from .tokenizer import AutoTokenizer
     from .training.default_model import default_model_dir
-    from .training.device import resolve_device
+    from .devices import resolve_device
 
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, "--device")
     if dtype_name == "auto":  # float32 where half precision is slow or inexact (CPU), bfloat16/float16 on GPUs
         if device.type == "cuda":
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -123,7 +120,7 @@ def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
         dtype = getattr(torch, dtype_name)
     source = default_model_dir() if name is None else name
     if name is not None and os.path.exists(name) and not os.path.isdir(name):
-        raise UserError(f"--model {name!r} is a file; pass the directory that holds config.json and the weights.")
+        raise GPT2KitError(f"--model {name!r} is a file; pass the directory that holds config.json and the weights.")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     try:
         tok = AutoTokenizer.from_pretrained(source)
@@ -145,18 +142,18 @@ def run_generate(args) -> int:
     prompt = args.prompt
     if prompt is None or prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
-            raise UserError("No prompt: give it as an argument (gpt2kit generate \"Once upon a time\") or on standard input.")
+            raise GPT2KitError("No prompt: give it as an argument (gpt2kit generate \"Once upon a time\") or on standard input.")
         prompt = sys.stdin.read()
     if not prompt:
-        raise UserError("The prompt is empty: give some text to continue.")
+        raise GPT2KitError("The prompt is empty: give some text to continue.")
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
     n_pos, L = model.config.n_positions, ids.shape[1]
     if L >= n_pos:
-        raise UserError(f"The prompt is {L} tokens long, but this model reads at most {n_pos} tokens, including the ones "
+        raise GPT2KitError(f"The prompt is {L} tokens long, but this model reads at most {n_pos} tokens, including the ones "
                         f"it generates. Shorten the prompt to under {n_pos} tokens.")
     if L + args.max_new_tokens > n_pos:
-        raise UserError(f"The prompt ({L} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds this model's "
+        raise GPT2KitError(f"The prompt ({L} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds this model's "
                         f"{n_pos}-token context: use --max-new-tokens {n_pos - L} or less, or a shorter prompt.")
     if args.seed is not None:
         set_seed(args.seed)
@@ -305,7 +302,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # e.g. `gpt2kit generate ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (UserError, ValueError, TypeError, OSError, RuntimeError, json.JSONDecodeError) as e:
+    except GPT2KitError as e:  # a user's problem: one line; anything else is a bug and keeps its traceback
         if os.environ.get("GPT2KIT_DEBUG"):
             raise
         message = " ".join(str(e).split()) or type(e).__name__

@@ -10,6 +10,7 @@ import json
 import os
 
 from .utils import atomic_write_text
+from .errors import InvalidInputError, InvalidArgumentError
 
 # field -> default, in the order of the reference page
 _DEFAULTS = {
@@ -85,7 +86,7 @@ class GPT2Config:
         if id2label is not None:
             id2label = {int(k): v for k, v in id2label.items()}
             if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} entries.")
+                raise InvalidInputError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} entries.")
         else:
             id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
         self.id2label = id2label
@@ -139,25 +140,25 @@ class GPT2Config:
         for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"GPT2Config.{key} must be a positive integer, got {value!r}.")
+                raise InvalidInputError(f"GPT2Config.{key} must be a positive integer, got {value!r}.")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+            raise InvalidInputError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
         if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
-            raise ValueError(f"n_inner must be None or a positive integer, got {self.n_inner!r}.")
+            raise InvalidInputError(f"n_inner must be None or a positive integer, got {self.n_inner!r}.")
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation_function {self.activation_function!r}; choose one of {', '.join(ACTIVATIONS)}.")
+            raise InvalidInputError(f"Unknown activation_function {self.activation_function!r}; choose one of {', '.join(ACTIVATIONS)}.")
         for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{key} must be a probability in [0, 1], got {value!r}.")
+                raise InvalidInputError(f"{key} must be a probability in [0, 1], got {value!r}.")
         if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
+            raise InvalidInputError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
         if self.summary_type not in SUMMARY_TYPES:
-            raise ValueError(f"Unknown summary_type {self.summary_type!r}; choose one of {', '.join(SUMMARY_TYPES)}.")
+            raise InvalidInputError(f"Unknown summary_type {self.summary_type!r}; choose one of {', '.join(SUMMARY_TYPES)}.")
         if self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"Unknown problem_type {self.problem_type!r}; choose one of {PROBLEM_TYPES[1:]} or None.")
+            raise InvalidInputError(f"Unknown problem_type {self.problem_type!r}; choose one of {PROBLEM_TYPES[1:]} or None.")
         if self._attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise ValueError(f"Unknown attn_implementation {self._attn_implementation!r}; choose 'eager' or 'sdpa'.")
+            raise InvalidInputError(f"Unknown attn_implementation {self._attn_implementation!r}; choose 'eager' or 'sdpa'.")
 
     # -- dict / json ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -183,7 +184,7 @@ class GPT2Config:
     def from_dict(cls, config_dict: dict, **kwargs) -> "GPT2Config":
         model_type = config_dict.get("model_type", "gpt2")
         if model_type != "gpt2":
-            raise ValueError(f"This is a config for model_type {model_type!r}; gpt2kit loads GPT-2 ('gpt2') models only.")
+            raise InvalidInputError(f"This is a config for model_type {model_type!r}; gpt2kit loads GPT-2 ('gpt2') models only.")
         return cls(**{**config_dict, **kwargs})
 
     @classmethod
@@ -192,14 +193,14 @@ class GPT2Config:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}). Re-save the config or fix the file.") from e
+            raise InvalidInputError(f"{path} is not valid JSON ({e}). Re-save the config or fix the file.") from e
         if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object of config fields.")
+            raise InvalidInputError(f"{path} must hold a JSON object of config fields.")
         return cls.from_dict(data)
 
     def save_pretrained(self, save_directory: str, **_) -> None:
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file.")
+            raise InvalidInputError(f"save_pretrained needs a directory, but {save_directory!r} is a file.")
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
@@ -226,7 +227,7 @@ class GPT2Config:
         if return_unused_kwargs:
             return config, unused
         if unused:
-            raise TypeError(f"Unknown GPT2Config field(s): {', '.join(sorted(unused))}.")
+            raise InvalidArgumentError(f"Unknown GPT2Config field(s): {', '.join(sorted(unused))}.")
         return config
 
     def copy(self) -> "GPT2Config":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .generation.config import FIELDS, GenerationConfig
+from .errors import InvalidInputError, InvalidArgumentError
 
 SUPPORTED_TASKS = ("text-generation",)
 # the reference's defaults for free-form text, used where neither the user nor the model set a value
@@ -19,14 +20,11 @@ GENERATE_ARGS = set(FIELDS) | {"generation_config", "logits_processor", "stoppin
 
 
 def _device(device) -> torch.device:
-    from .weights.checkpoint import resolve_device
+    from .devices import resolve_device
 
-    if device is None or (isinstance(device, int) and device < 0):
+    if device is None or (isinstance(device, int) and device < 0):  # the pipeline's -1 means the CPU
         return torch.device("cpu")
-    if isinstance(device, int) and not torch.cuda.is_available():
-        raise RuntimeError(f"pipeline(device={device}) asks for CUDA GPU {device}, but PyTorch sees no GPU here "
-                           f"(torch {torch.__version__}). Pass device='cpu' (or -1) to run on the CPU.")
-    return resolve_device(device)
+    return resolve_device(device, "pipeline(device=...)")
 
 
 class TextGenerationPipeline:
@@ -52,7 +50,7 @@ class TextGenerationPipeline:
         elif isinstance(text_inputs, (list, tuple)) and all(isinstance(t, str) for t in text_inputs):
             prompts = list(text_inputs)
         else:
-            raise TypeError("text-generation takes a str or a list of str; chat messages need a chat template, "
+            raise InvalidArgumentError("text-generation takes a str or a list of str; chat messages need a chat template, "
                             "which GPT-2 does not have.")
         batch_size = kwargs.pop("batch_size", self.batch_size) or 1
         post = self._postprocess_params(kwargs)
@@ -65,9 +63,9 @@ class TextGenerationPipeline:
     def _postprocess_params(self, kwargs) -> dict:
         full, tensors, text = (kwargs.pop(k, None) for k in ("return_full_text", "return_tensors", "return_text"))
         if full is not None and tensors:
-            raise ValueError("`return_full_text` is mutually exclusive with `return_tensors`.")
+            raise InvalidInputError("`return_full_text` is mutually exclusive with `return_tensors`.")
         if text is not None and tensors:
-            raise ValueError("`return_text` is mutually exclusive with `return_tensors`.")
+            raise InvalidInputError("`return_text` is mutually exclusive with `return_tensors`.")
         return {"full_text": True if full is None else bool(full), "tensors": bool(tensors),
                 "skip_special_tokens": kwargs.pop("skip_special_tokens", True),
                 "clean_up_tokenization_spaces": kwargs.pop("clean_up_tokenization_spaces", None)}
@@ -80,7 +78,7 @@ class TextGenerationPipeline:
             kwargs["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
         unknown = set(kwargs) - GENERATE_ARGS
         if unknown:
-            raise TypeError(f"text-generation pipeline got unknown argument(s): {', '.join(sorted(unknown))}.")
+            raise InvalidArgumentError(f"text-generation pipeline got unknown argument(s): {', '.join(sorted(unknown))}.")
         return self._with_defaults(kwargs), tok_kwargs
 
     def _with_defaults(self, kwargs) -> dict:
@@ -140,7 +138,7 @@ def _default_model_dir():
     try:
         from .training.default_model import default_model_dir
     except ImportError:
-        raise ValueError("pipeline() was called without model=, and this gpt2kit has no embedded default model: "
+        raise InvalidInputError("pipeline() was called without model=, and this gpt2kit has no embedded default model: "
                          "pass model= (a local checkpoint directory, a Hub name, or a loaded GPT2LMHeadModel).") from None
     return default_model_dir()
 
@@ -154,9 +152,9 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, device=None, d
     if task is None:
         task = "text-generation"
     if task not in SUPPORTED_TASKS:
-        raise ValueError(f"Unsupported task {task!r}: gpt2kit's pipeline supports {', '.join(SUPPORTED_TASKS)}.")
+        raise InvalidInputError(f"Unsupported task {task!r}: gpt2kit's pipeline supports {', '.join(SUPPORTED_TASKS)}.")
     if device is not None and device_map is not None:
-        raise ValueError("Pass either device or device_map to pipeline(), not both.")
+        raise InvalidInputError("Pass either device or device_map to pipeline(), not both.")
     dtype = dtype if dtype is not None else torch_dtype
     target = _device(device if device is not None else device_map) if (device is not None or device_map) else None
     if model is None:
@@ -175,12 +173,12 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, device=None, d
 
         model = model.to(parse_dtype(dtype))
     if not hasattr(model, "generate") or not model.can_generate():
-        raise TypeError(f"text-generation needs a model with a language-modelling head (GPT2LMHeadModel), "
+        raise InvalidArgumentError(f"text-generation needs a model with a language-modelling head (GPT2LMHeadModel), "
                         f"got {type(model).__name__}.")
     if tokenizer is None:
         name = name or getattr(model.config, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
         if not name:
-            raise ValueError("pipeline() could not tell which tokenizer goes with this model: pass tokenizer= "
+            raise InvalidInputError("pipeline() could not tell which tokenizer goes with this model: pass tokenizer= "
                              "(a GPT2Tokenizer, a directory or a Hub name).")
         tokenizer = name
     if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):

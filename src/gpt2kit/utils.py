@@ -20,18 +20,6 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def device_unavailable(device: torch.device) -> str | None:
-    """Why `device` cannot be used here (a phrase to put after the name the user gave), or None if it can."""
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"asks for a CUDA GPU, but PyTorch sees none here (torch {torch.__version__})"
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            return f"names CUDA device {device.index}, but there are only {torch.cuda.device_count()} CUDA device(s)"
-    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        return "asks for Apple's MPS, which is not available here"
-    return None
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` atomically: a temporary file in the same folder, fsync, then rename."""
     folder = os.path.dirname(os.path.abspath(path))

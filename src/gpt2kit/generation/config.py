@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from ..errors import InvalidInputError
 
 # attribute -> value when nobody set it (the values transformers 5 applies at generation time)
 GLOBAL_DEFAULTS = {
@@ -51,7 +52,7 @@ class GenerationConfig:
         self.transformers_version = kwargs.pop("transformers_version", None)
         for name in GENERATE_ARGUMENTS:
             if name in kwargs:
-                raise ValueError(f"`{name}` is an argument of generate(), not of GenerationConfig: pass it to "
+                raise InvalidInputError(f"`{name}` is an argument of generate(), not of GenerationConfig: pass it to "
                                  f"generate() (or the pipeline) directly.")
         for name, value in kwargs.items():  # custom entries are kept, as the reference does
             setattr(self, name, value)
@@ -65,50 +66,50 @@ class GenerationConfig:
         kwargs and defaults are merged (a config on its own may be completed later).
         """
         if self.early_stopping not in (None, True, False, "never"):
-            raise ValueError(f"`early_stopping` must be True, False or 'never', but is {self.early_stopping!r}.")
+            raise InvalidInputError(f"`early_stopping` must be True, False or 'never', but is {self.early_stopping!r}.")
         for name in ("max_new_tokens", "max_length", "num_beams", "num_return_sequences"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"`{name}` must be a positive integer, but is {value!r}.")
+                raise InvalidInputError(f"`{name}` must be a positive integer, but is {value!r}.")
         for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"`{name}` must be a non-negative integer, but is {value!r}.")
+                raise InvalidInputError(f"`{name}` must be a non-negative integer, but is {value!r}.")
         if self.pad_token_id is not None and self.pad_token_id < 0:
-            raise ValueError(f"`pad_token_id` must be a non-negative token id, but is {self.pad_token_id}.")
+            raise InvalidInputError(f"`pad_token_id` must be a non-negative token id, but is {self.pad_token_id}.")
         if self.cache_implementation is not None and self.cache_implementation not in CACHE_IMPLEMENTATIONS:
-            raise ValueError(f"Unknown cache_implementation {self.cache_implementation!r}; choose one of "
+            raise InvalidInputError(f"Unknown cache_implementation {self.cache_implementation!r}; choose one of "
                              f"{', '.join(map(repr, CACHE_IMPLEMENTATIONS))}.")
         if self.bad_words_ids is not None:
             ok = isinstance(self.bad_words_ids, list) and len(self.bad_words_ids) > 0 and all(
                 isinstance(seq, list) and seq and all(isinstance(t, int) and t >= 0 for t in seq)
                 for seq in self.bad_words_ids)
             if not ok:
-                raise ValueError("`bad_words_ids` must be a non-empty list of non-empty lists of token ids, "
+                raise InvalidInputError("`bad_words_ids` must be a non-empty list of non-empty lists of token ids, "
                                  f"but is {self.bad_words_ids!r}.")
         if not combinations:
             return
         if self.temperature is not None and self.do_sample and self.temperature <= 0:
-            raise ValueError(f"`temperature` must be a strictly positive float when sampling, but is {self.temperature}; "
+            raise InvalidInputError(f"`temperature` must be a strictly positive float when sampling, but is {self.temperature}; "
                              "for greedy decoding pass do_sample=False instead.")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"`top_k` must be a non-negative integer (0 disables it), but is {self.top_k!r}.")
+            raise InvalidInputError(f"`top_k` must be a non-negative integer (0 disables it), but is {self.top_k!r}.")
         if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"`top_p` must lie in [0, 1], but is {self.top_p}.")
+            raise InvalidInputError(f"`top_p` must lie in [0, 1], but is {self.top_p}.")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"`min_p` must lie in [0, 1], but is {self.min_p}.")
+            raise InvalidInputError(f"`min_p` must lie in [0, 1], but is {self.min_p}.")
         if self.typical_p is not None and not 0.0 < self.typical_p <= 1.0:
-            raise ValueError(f"`typical_p` must lie in (0, 1], but is {self.typical_p}.")
+            raise InvalidInputError(f"`typical_p` must lie in (0, 1], but is {self.typical_p}.")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError(f"`repetition_penalty` must be a strictly positive float, but is {self.repetition_penalty}.")
+            raise InvalidInputError(f"`repetition_penalty` must be a strictly positive float, but is {self.repetition_penalty}.")
         if self.num_return_sequences is not None and self.num_return_sequences > 1:
             beams = self.num_beams or 1
             if beams == 1 and not self.do_sample:
-                raise ValueError("Greedy methods (do_sample != True) without beam search do not support "
+                raise InvalidInputError("Greedy methods (do_sample != True) without beam search do not support "
                                  f"`num_return_sequences` different than 1 (got {self.num_return_sequences}): "
                                  "pass do_sample=True or num_beams >= num_return_sequences.")
             if beams > 1 and self.num_return_sequences > beams:
-                raise ValueError(f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to "
+                raise InvalidInputError(f"`num_return_sequences` ({self.num_return_sequences}) has to be smaller or equal to "
                                  f"`num_beams` ({beams}).")
 
     # -- merging -----------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class GenerationConfig:
 
     def save_pretrained(self, save_directory, config_file_name: str | None = None, **kwargs) -> None:
         if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {str(save_directory)!r} is a file: pass a directory.")
+            raise InvalidInputError(f"save_directory {str(save_directory)!r} is a file: pass a directory.")
         os.makedirs(save_directory, exist_ok=True)
         self.to_json_file(os.path.join(save_directory, config_file_name or CONFIG_NAME))
 
@@ -168,7 +169,7 @@ class GenerationConfig:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
+                raise InvalidInputError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
 
     @classmethod

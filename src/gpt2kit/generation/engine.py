@@ -18,6 +18,7 @@ from .logits import build_processors
 from .outputs import GenerateDecoderOnlyOutput
 from .runner import FastRunner, ModelRunner, fast_path_supported
 from .stopping import StoppingCriteriaList, StopStringCriteria
+from ..errors import InvalidInputError, InvalidArgumentError
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs")
 
@@ -49,7 +50,7 @@ def _resolve_config(model, generation_config, kwargs):
     base = generation_config if generation_config is not None else generation_config_of(model)
     if not isinstance(base, GenerationConfig):
         if not hasattr(base, "to_diff_dict"):
-            raise TypeError(f"generation_config must be a GenerationConfig, got {type(base).__name__}.")
+            raise InvalidArgumentError(f"generation_config must be a GenerationConfig, got {type(base).__name__}.")
         base = GenerationConfig.from_dict(  # e.g. transformers' own GenerationConfig
             {k: v for k, v in base.to_diff_dict().items() if not k.startswith("_") or k == "_from_model_config"})
     cfg = base.copy()
@@ -73,28 +74,28 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     cfg, extra, default_max = _resolve_config(model, generation_config, kwargs)
     input_ids = extra.pop("input_ids", None)
     if inputs is not None and input_ids is not None:
-        raise ValueError("Pass the prompt once: either as the first argument (inputs) or as input_ids=.")
+        raise InvalidInputError("Pass the prompt once: either as the first argument (inputs) or as input_ids=.")
     input_ids = inputs if inputs is not None else input_ids
     attention_mask = extra.pop("attention_mask", None)
     for key in ("past_key_values", "cache", "inputs_embeds"):
         if extra.get(key) is not None:
-            raise ValueError(f"generate() does not take {key}: pass the whole prompt as input_ids; the engine builds "
+            raise InvalidInputError(f"generate() does not take {key}: pass the whole prompt as input_ids; the engine builds "
                              "its own cache (choose it with cache_implementation='static' or 'dynamic').")
         extra.pop(key, None)
     extra.pop("use_cache", None)
     for key in ("output_attentions", "output_hidden_states"):
         if getattr(cfg, key):
-            raise ValueError(f"generate() does not collect {key.split('_', 1)[1]}; run the model's forward on "
+            raise InvalidInputError(f"generate() does not collect {key.split('_', 1)[1]}; run the model's forward on "
                              "the returned sequences to get them.")
     if extra:
-        raise ValueError(f"generate() got argument(s) it does not know: {', '.join(sorted(extra))}. They are neither "
+        raise InvalidInputError(f"generate() got argument(s) it does not know: {', '.join(sorted(extra))}. They are neither "
                          "GenerationConfig fields nor model inputs (input_ids, attention_mask).")
 
     device = model.device
     eos = _as_eos(cfg.eos_token_id)
     if input_ids is None:  # no prompt: start from the beginning-of-sequence token
         if cfg.bos_token_id is None:
-            raise ValueError("No prompt was given and the generation config has no bos_token_id to start from: "
+            raise InvalidInputError("No prompt was given and the generation config has no bos_token_id to start from: "
                              "pass input_ids.")
         input_ids = torch.full((1, 1), cfg.bos_token_id, dtype=torch.long)
     if not isinstance(input_ids, torch.Tensor):
@@ -102,12 +103,12 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be a (batch, length) tensor of token ids, got shape "
+        raise InvalidInputError(f"input_ids must be a (batch, length) tensor of token ids, got shape "
                          f"{tuple(input_ids.shape)} and dtype {input_ids.dtype}.")
     input_ids = input_ids.long().to(device)
     B, P = input_ids.shape
     if P == 0:
-        raise ValueError("The prompt is empty: pass at least one token id (for example the bos token).")
+        raise InvalidInputError("The prompt is empty: pass at least one token id (for example the bos token).")
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
 
     if attention_mask is None:  # inferred as the reference does: pad ids mark padding unless pad == eos
@@ -117,14 +118,14 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     else:
         attention_mask = torch.as_tensor(attention_mask).to(device)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+            raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                              f"{tuple(input_ids.shape)}: they must match.")
     if attention_mask is not None:
         if B > 1 and bool((attention_mask[:, -1] == 0).any()):
             warnings.warn("Right padding was detected: GPT-2 generates after the last position, so pad on the left "
                           "(tokenizer.padding_side = 'left') for correct results.", UserWarning, stacklevel=3)
         if bool((attention_mask.sum(-1) == 0).any()):
-            raise ValueError("A row of attention_mask is all zeros: every prompt needs at least one real token.")
+            raise InvalidInputError("A row of attention_mask is all zeros: every prompt needs at least one real token.")
         position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         if bool(attention_mask.all()):
             attention_mask = None
@@ -139,11 +140,11 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     else:
         max_length = cfg.max_length
     if P >= max_length:
-        raise ValueError(f"Input length of input_ids is {P}, but `max_length` is set to {max_length}: increase "
+        raise InvalidInputError(f"Input length of input_ids is {P}, but `max_length` is set to {max_length}: increase "
                          "max_length or, better, set max_new_tokens.")
     n_pos = model.config.n_positions
     if max_length > n_pos:
-        raise ValueError(f"The prompt ({P} tokens) plus max_new_tokens ({max_length - P}) is {max_length} tokens, "
+        raise InvalidInputError(f"The prompt ({P} tokens) plus max_new_tokens ({max_length - P}) is {max_length} tokens, "
                          f"beyond this model's n_positions={n_pos} (its longest sequence). Shorten the prompt or "
                          f"ask for at most {n_pos - P} new tokens.")
     cfg.max_length = max_length
@@ -193,14 +194,14 @@ def generate(model, inputs=None, generation_config=None, logits_processor=None, 
     sequences, scores / logits (when output_scores / output_logits) and past_key_values.
     """
     if not model.can_generate():
-        raise TypeError(f"{type(model).__name__} has no language-modelling head: use GPT2LMHeadModel to generate.")
+        raise InvalidArgumentError(f"{type(model).__name__} has no language-modelling head: use GPT2LMHeadModel to generate.")
     plan = prepare(model, inputs, generation_config, logits_processor, stopping_criteria, streamer, tokenizer,
                    generator, kwargs)
     if plan.cfg.num_beams > 1:
         from .beam import beam_search
 
         if streamer is not None:
-            raise ValueError("A streamer shows one sequence as it grows; beam search only knows its sequences at the "
+            raise InvalidInputError("A streamer shows one sequence as it grows; beam search only knows its sequences at the "
                              "end. Use num_beams=1 with a streamer, or stream the returned text yourself.")
 
         return beam_search(model, plan)

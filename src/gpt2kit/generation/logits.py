@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from ..errors import InvalidInputError
 
 NEG_INF = -math.inf
 
@@ -72,7 +73,7 @@ class MinNewTokensLengthLogitsProcessor(_EosBan):
 class TemperatureLogitsWarper(LogitsProcessor):
     def __init__(self, temperature: float):
         if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"`temperature` must be a strictly positive float, but is {temperature!r}.")
+            raise InvalidInputError(f"`temperature` must be a strictly positive float, but is {temperature!r}.")
         self.temperature = temperature
 
     def __call__(self, input_ids, scores):
@@ -86,7 +87,7 @@ class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
 
     def __init__(self, penalty: float, prompt_ignore_length=None):
         if not isinstance(penalty, (int, float)) or penalty <= 0:
-            raise ValueError(f"`penalty` must be a strictly positive float, but is {penalty!r}.")
+            raise InvalidInputError(f"`penalty` must be a strictly positive float, but is {penalty!r}.")
         self.penalty, self.ignore = float(penalty), prompt_ignore_length
 
     def select_rows(self, rows):  # the engine dropped finished rows
@@ -113,7 +114,7 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
 
     def __init__(self, ngram_size: int):
         if not isinstance(ngram_size, int) or ngram_size <= 0:
-            raise ValueError(f"`ngram_size` must be a strictly positive integer, but is {ngram_size!r}.")
+            raise InvalidInputError(f"`ngram_size` must be a strictly positive integer, but is {ngram_size!r}.")
         self.n = ngram_size
 
     def __call__(self, input_ids, scores):
@@ -145,7 +146,7 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
         V = scores.shape[-1]
         for tok in self.single:
             if tok >= V:
-                raise ValueError(f"bad_words_ids holds token id {tok}, outside the model's vocabulary of {V}.")
+                raise InvalidInputError(f"bad_words_ids holds token id {tok}, outside the model's vocabulary of {V}.")
         out = scores
         if self.single:
             mask = torch.zeros(V, dtype=torch.bool, device=scores.device)
@@ -168,7 +169,7 @@ class TopKLogitsWarper(LogitsProcessor):
 
     def __init__(self, top_k: int, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
         if not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"`top_k` must be a strictly positive integer, but is {top_k!r}.")
+            raise InvalidInputError(f"`top_k` must be a strictly positive integer, but is {top_k!r}.")
         self.k, self.filter_value = max(top_k, min_tokens_to_keep), filter_value
 
     def __call__(self, input_ids, scores):
@@ -184,7 +185,7 @@ class TopPLogitsWarper(LogitsProcessor):
     def __init__(self, top_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
         top_p = float(top_p)
         if not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"`top_p` must lie in [0, 1], but is {top_p}.")
+            raise InvalidInputError(f"`top_p` must lie in [0, 1], but is {top_p}.")
         self.top_p, self.filter_value, self.keep = top_p, filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
@@ -200,7 +201,7 @@ class MinPLogitsWarper(LogitsProcessor):
 
     def __init__(self, min_p: float, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
         if not 0.0 <= min_p <= 1.0:
-            raise ValueError(f"`min_p` must lie in [0, 1], but is {min_p}.")
+            raise InvalidInputError(f"`min_p` must lie in [0, 1], but is {min_p}.")
         self.min_p, self.filter_value, self.keep = min_p, filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
@@ -218,7 +219,7 @@ class TypicalLogitsWarper(LogitsProcessor):
     def __init__(self, mass: float = 0.9, filter_value: float = NEG_INF, min_tokens_to_keep: int = 1):
         mass = float(mass)
         if not 0.0 < mass < 1.0:
-            raise ValueError(f"`typical_p` must lie in (0, 1), but is {mass}.")
+            raise InvalidInputError(f"`typical_p` must lie in (0, 1), but is {mass}.")
         self.mass, self.filter_value, self.keep = mass, filter_value, min_tokens_to_keep
 
     def __call__(self, input_ids, scores):
@@ -262,7 +263,7 @@ def build_processors(cfg, prompt_length: int, eos_ids, padding_lengths=None, ext
         procs.append(InfNanRemoveLogitsProcessor())
     for p in extra or ():
         if any(type(p) is type(q) for q in procs):
-            raise ValueError(f"A {type(p).__name__} was passed in logits_processor, but generate() builds one from "
+            raise InvalidInputError(f"A {type(p).__name__} was passed in logits_processor, but generate() builds one from "
                              "the generation config too: set it in one place only.")
         procs.append(p)
     if cfg.do_sample:

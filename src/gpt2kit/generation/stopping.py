@@ -6,6 +6,7 @@ hot loop); these classes exist for users' own criteria and for stop strings, whi
 from __future__ import annotations
 
 import torch
+from ..errors import InvalidInputError
 
 
 class StoppingCriteria:
@@ -68,12 +69,12 @@ class StopStringCriteria(StoppingCriteria):
 
     def __init__(self, tokenizer, stop_strings):
         if tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer to read the generated text: pass "
+            raise InvalidInputError("stop_strings needs the tokenizer to read the generated text: pass "
                              "generate(..., stop_strings=..., tokenizer=tokenizer).")
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         if not stop_strings or not all(isinstance(s, str) and s for s in stop_strings):
-            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}.")
+            raise InvalidInputError(f"stop_strings must be a non-empty string or a list of them, got {stop_strings!r}.")
         self.tokenizer = tokenizer
         self.stops = [s.encode("utf-8") for s in stop_strings]
         self.longest = max(len(s) for s in self.stops)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from queue import Queue
 
 from .stopping import token_bytes
+from ..errors import InvalidInputError
 
 
 def complete_prefix(data: bytes) -> int:
@@ -46,7 +47,7 @@ class TextStreamer(BaseStreamer):
 
     def put(self, value):
         if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError(f"{type(self).__name__} streams one sequence: generate with batch size 1 "
+            raise InvalidInputError(f"{type(self).__name__} streams one sequence: generate with batch size 1 "
                              f"(got {value.shape[0]} rows).")
         ids = value.reshape(-1).tolist()
         if self.skip_prompt and self.next_tokens_are_prompt:

@@ -11,6 +11,7 @@ values the attention should read.
 from __future__ import annotations
 
 import torch
+from ..errors import InvalidInputError
 
 
 class Cache:
@@ -118,7 +119,7 @@ class StaticCache(Cache):
         head_dim = head_dim or (config.n_embd // config.n_head)
         self.max_cache_len = max_cache_len or (config.n_positions if config is not None else None)
         if not self.max_cache_len:
-            raise ValueError("StaticCache needs max_cache_len (or a config with n_positions).")
+            raise InvalidInputError("StaticCache needs max_cache_len (or a config with n_positions).")
         self.max_batch_size = max_batch_size
         self.num_layers = num_layers
         self.fixed_shape = fixed_shape
@@ -132,10 +133,10 @@ class StaticCache(Cache):
         B, H, T, D = key.shape
         n = self._len[layer_idx]
         if n + T > self.max_cache_len:
-            raise ValueError(f"StaticCache is full: it holds {self.max_cache_len} positions and {n + T} were asked for. "
+            raise InvalidInputError(f"StaticCache is full: it holds {self.max_cache_len} positions and {n + T} were asked for. "
                              "Build it with a larger max_cache_len.")
         if B != self.max_batch_size:
-            raise ValueError(f"StaticCache was built for batch size {self.max_batch_size}, got {B}.")
+            raise InvalidInputError(f"StaticCache was built for batch size {self.max_batch_size}, got {B}.")
         k_buf, v_buf = self.key_cache[layer_idx], self.value_cache[layer_idx]
         if cache_position is not None and self.fixed_shape:
             k_buf.index_copy_(2, cache_position, key.to(k_buf.dtype))

@@ -13,6 +13,7 @@ from ..config import GPT2Config
 from .cache import Cache, DynamicCache, StaticCache
 from .layers import Block, Projection
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
+from ..errors import InvalidInputError, InvalidArgumentError
 
 
 class GPT2PreTrainedModel(nn.Module):
@@ -26,7 +27,7 @@ class GPT2PreTrainedModel(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         if not isinstance(config, GPT2Config):
-            raise TypeError(f"{type(self).__name__} needs a GPT2Config, got {type(config).__name__}.")
+            raise InvalidArgumentError(f"{type(self).__name__} needs a GPT2Config, got {type(config).__name__}.")
         config.validate()
         self.config = config
 
@@ -88,7 +89,7 @@ class GPT2PreTrainedModel(nn.Module):
         if pad_to_multiple_of:
             n = int(math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of)
         if n <= 0:
-            raise ValueError(f"new_num_tokens must be positive, got {n}.")
+            raise InvalidInputError(f"new_num_tokens must be positive, got {n}.")
         old = wte.weight.data
         new = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
         nn.init.normal_(new.weight, mean=0.0, std=self.config.initializer_range)
@@ -140,7 +141,7 @@ class GPT2PreTrainedModel(nn.Module):
         attn = kwargs.pop("attn_implementation", None)
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         if kwargs:
-            raise TypeError(f"Unknown argument(s) to from_config: {', '.join(sorted(kwargs))}.")
+            raise InvalidArgumentError(f"Unknown argument(s) to from_config: {', '.join(sorted(kwargs))}.")
         config = config.copy()
         if attn is not None:
             config._attn_implementation = attn
@@ -208,7 +209,7 @@ def _resolve_cache(past_key_values, use_cache: bool, config) -> Cache | None:
         return past_key_values
     if isinstance(past_key_values, (tuple, list)):  # legacy ((k, v), ...) per layer
         return DynamicCache.from_legacy_cache(past_key_values)
-    raise TypeError(f"past_key_values must be a DynamicCache, StaticCache or a tuple of (key, value) per layer, "
+    raise InvalidArgumentError(f"past_key_values must be a DynamicCache, StaticCache or a tuple of (key, value) per layer, "
                     f"got {type(past_key_values).__name__}.")
 
 
@@ -222,10 +223,10 @@ def self_attention_mask(attention_mask, B: int, T: int, past: int, S: int, devic
         return attention_mask.to(device), False
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
-            raise ValueError(f"attention_mask must have shape (batch, past + new tokens) = ({B}, {past + T}), "
+            raise InvalidInputError(f"attention_mask must have shape (batch, past + new tokens) = ({B}, {past + T}), "
                              f"got {tuple(attention_mask.shape)}.")
         if attention_mask.shape[1] != past + T:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, but the cache holds {past} "
+            raise InvalidInputError(f"attention_mask covers {attention_mask.shape[1]} positions, but the cache holds {past} "
                              f"and {T} are new: it must cover all {past + T}.")
         if bool(attention_mask.all()):  # nothing padded: the cheap paths below apply
             attention_mask = None
@@ -293,7 +294,7 @@ class GPT2Model(GPT2PreTrainedModel):
         return_dict = cfg.return_dict if return_dict is None else return_dict
 
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+            raise InvalidInputError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
@@ -306,24 +307,24 @@ class GPT2Model(GPT2PreTrainedModel):
             B, T = inputs_embeds.shape[0], inputs_embeds.shape[1]
             device = inputs_embeds.device
         if T == 0:
-            raise ValueError("The input has no tokens: pass at least one token id.")
+            raise InvalidInputError("The input has no tokens: pass at least one token id.")
 
         cache_obj = _resolve_cache(past_key_values, use_cache, cfg)
         past = cache_obj.get_seq_length() if cache_obj is not None else 0
 
         if position_ids is None:
             if past + T > cfg.n_positions:
-                raise ValueError(f"The sequence would be {past + T} tokens long ({past} cached + {T} new), but this model "
+                raise InvalidInputError(f"The sequence would be {past + T} tokens long ({past} cached + {T} new), but this model "
                                  f"has n_positions={cfg.n_positions} position embeddings. Shorten the input.")
             position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
         else:
             position_ids = position_ids.reshape(-1, T)
             if not torch.compiler.is_compiling() and (bool((position_ids >= cfg.n_positions).any()) or bool((position_ids < 0).any())):
-                raise ValueError(f"position_ids must lie in [0, {cfg.n_positions - 1}] (n_positions={cfg.n_positions}); "
+                raise InvalidInputError(f"position_ids must lie in [0, {cfg.n_positions - 1}] (n_positions={cfg.n_positions}); "
                                  f"got values from {int(position_ids.min())} to {int(position_ids.max())}.")
         if input_ids is not None and not torch.compiler.is_compiling():
             if bool((input_ids >= cfg.vocab_size).any()) or bool((input_ids < 0).any()):
-                raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (vocab_size); got values from "
+                raise InvalidInputError(f"input_ids must lie in [0, {cfg.vocab_size - 1}] (vocab_size); got values from "
                                  f"{int(input_ids.min())} to {int(input_ids.max())}.")
 
         if inputs_embeds is None:

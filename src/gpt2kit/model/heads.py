@@ -11,6 +11,7 @@ from .gpt2 import GPT2Model, GPT2PreTrainedModel
 from .outputs import (CausalLMOutputWithCrossAttentions, GPT2DoubleHeadsModelOutput, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast, TokenClassifierOutput)
 from .summary import SequenceSummary
+from ..errors import InvalidInputError
 
 
 def keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
@@ -53,7 +54,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         loss = None
         if labels is not None:
             if logits.shape[-2] != labels.shape[-1]:
-                raise ValueError("labels need logits for every position: leave logits_to_keep at 0 when passing labels.")
+                raise InvalidInputError("labels need logits for every position: leave logits_to_keep at 0 when passing labels.")
             loss = causal_lm_loss(logits, labels)
         out = CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=body.past_key_values,
                                                 hidden_states=body.hidden_states, attentions=body.attentions,
@@ -103,7 +104,7 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
                          position_ids, inputs_embeds, use_cache, output_attentions, output_hidden_states, cache_position)
         hidden = body.last_hidden_state  # (B, C, T, H)
         if logits_to_keep != 0 and labels is not None:
-            raise ValueError("labels need logits for every position: leave logits_to_keep at 0 when passing labels.")
+            raise InvalidInputError("labels need logits for every position: leave logits_to_keep at 0 when passing labels.")
         kept = hidden if isinstance(logits_to_keep, int) and logits_to_keep == 0 else (
             hidden[..., -logits_to_keep:, :] if isinstance(logits_to_keep, int) else hidden[..., logits_to_keep, :])
         logits = self.lm_head(kept)  # (B, C, T_kept, V); logits_to_keep serves generate()
@@ -140,7 +141,7 @@ class GPT2ForQuestionAnswering(GPT2PreTrainedModel):
         start_logits, end_logits = self.qa_outputs(body.last_hidden_state).unbind(-1)  # 2 x (B, T)
         loss = None
         if (start_positions is None) != (end_positions is None):
-            raise ValueError("The span loss needs both start_positions and end_positions; pass both (or neither).")
+            raise InvalidInputError("The span loss needs both start_positions and end_positions; pass both (or neither).")
         if start_positions is not None:
             loss = span_loss(start_logits, end_logits, start_positions, end_positions)
         out = QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits.contiguous(),
@@ -174,7 +175,7 @@ def last_token_index(hidden_len: int, batch: int, input_ids, attention_mask, pad
         mask = attention_mask[:, -hidden_len:].bool()  # (B, T): the new tokens' part
         if not bool(mask.any(-1).all()):
             rows = (~mask.any(-1)).nonzero().flatten().tolist()
-            raise ValueError(f"attention_mask rows {rows} have no 1 among the input tokens, so there is no token to "
+            raise InvalidInputError(f"attention_mask rows {rows} have no 1 among the input tokens, so there is no token to "
                              f"classify: each row needs at least one real (unpadded) token.")
         positions = torch.arange(hidden_len, device=mask.device)
         return torch.where(mask, positions, -1).amax(-1)  # (B,)
@@ -183,7 +184,7 @@ def last_token_index(hidden_len: int, batch: int, input_ids, attention_mask, pad
         positions = torch.arange(ids.shape[-1], device=ids.device)
         return (positions * (ids != pad_token_id)).argmax(-1)  # (B,); an all-pad row gives 0, as the reference
     if batch != 1 and pad_token_id is None:
-        raise ValueError(f"Cannot tell where each of the {batch} sequences ends: pass the attention_mask (as the "
+        raise InvalidInputError(f"Cannot tell where each of the {batch} sequences ends: pass the attention_mask (as the "
                          f"tokenizer returns it with padding=True) or set model.config.pad_token_id.")
     if pad_token_id is not None:  # inputs_embeds without a mask: padding cannot be seen
         warnings.warn("GPT2ForSequenceClassification cannot find padding in inputs_embeds: each row is classified "

@@ -14,6 +14,7 @@ from torch import nn
 from . import onednn
 from .cache import Cache
 from .training_linear import training_linear, use_training_linear
+from ..errors import InvalidInputError
 
 
 class Projection(nn.Module):
@@ -106,7 +107,7 @@ def get_activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"Unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}.") from None
+        raise InvalidInputError(f"Unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}.") from None
 
 
 def eager_attention(q, k, v, mask, scaling: float, dropout: float, upcast: bool):
@@ -254,7 +255,7 @@ class Block(nn.Module):
         cross_probs = None
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
-                raise ValueError("encoder_hidden_states were passed, but this model has no cross-attention layers: "
+                raise InvalidInputError("encoder_hidden_states were passed, but this model has no cross-attention layers: "
                                  "build it with GPT2Config(add_cross_attention=True).")
             c, cross_probs = self.crossattention(self.ln_cross_attn(x), mask=encoder_mask,
                                                  encoder_hidden_states=encoder_hidden_states,

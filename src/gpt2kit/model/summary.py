@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from .layers import ACTIVATIONS
+from ..errors import InvalidInputError, NotSupportedError
 
 
 class _Activation(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         if name not in ACTIVATIONS:
-            raise ValueError(f"Unknown summary_activation {name!r}; choose one of {', '.join(ACTIVATIONS)} or None.")
+            raise InvalidInputError(f"Unknown summary_activation {name!r}; choose one of {', '.join(ACTIVATIONS)} or None.")
         self.name, self.fn = name, ACTIVATIONS[name]
 
     def forward(self, x):
@@ -41,10 +42,10 @@ class SequenceSummary(nn.Module):
         super().__init__()
         self.summary_type = getattr(config, "summary_type", "last")
         if self.summary_type == "attn":
-            raise NotImplementedError("summary_type='attn' is not implemented (nor is it in the reference); "
+            raise NotSupportedError("summary_type='attn' is not implemented (nor is it in the reference); "
                                       "use 'cls_index', 'last', 'first' or 'mean'.")
         if self.summary_type not in ("last", "first", "mean", "cls_index"):
-            raise ValueError(f"Unknown summary_type {self.summary_type!r}; choose 'cls_index', 'last', 'first' or 'mean'.")
+            raise InvalidInputError(f"Unknown summary_type {self.summary_type!r}; choose 'cls_index', 'last', 'first' or 'mean'.")
         self.summary = nn.Identity()
         if getattr(config, "summary_use_proj", False):
             to_labels = getattr(config, "summary_proj_to_labels", False) and config.num_labels > 0
@@ -67,11 +68,11 @@ class SequenceSummary(nn.Module):
         if cls_index is None:
             return hidden[..., -1, :]  # each sequence's last token: (B, [C,] H)
         if tuple(cls_index.shape) != tuple(lead):
-            raise ValueError(f"mc_token_ids must have shape (batch, num_choices) = {tuple(lead)}, one index per "
+            raise InvalidInputError(f"mc_token_ids must have shape (batch, num_choices) = {tuple(lead)}, one index per "
                              f"sequence; got {tuple(cls_index.shape)}.")
         if not torch.compiler.is_compiling() and cls_index.numel() and (
                 bool((cls_index < 0).any()) or bool((cls_index >= T).any())):
-            raise ValueError(f"mc_token_ids must lie in [0, {T - 1}] (the sequence length is {T}); got values from "
+            raise InvalidInputError(f"mc_token_ids must lie in [0, {T - 1}] (the sequence length is {T}); got values from "
                              f"{int(cls_index.min())} to {int(cls_index.max())}.")
         index = cls_index.to(hidden.device, torch.long)[..., None, None].expand(*lead, 1, H)  # (B, [C,] 1, H)
         return hidden.gather(-2, index).squeeze(-2)  # (B, [C,] H)

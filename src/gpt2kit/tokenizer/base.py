@@ -13,6 +13,7 @@ import regex
 
 from . import bpe, call, vocab as files
 from .vocab import AddedToken, as_added_token
+from ..errors import InvalidInputError, InvalidArgumentError
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 EOT = "<|endoftext|>"
@@ -59,7 +60,7 @@ class GPT2Tokenizer:
             merges_file = os.fspath(merges_file or files.ASSETS / files.MERGES_FILE)
             vocab, merges = files.read_vocab_merges(vocab_file, merges_file)
         elif vocab is None or merges is None:
-            raise TypeError("Pass both vocab and merges (or vocab_file and merges_file).")
+            raise InvalidArgumentError("Pass both vocab and merges (or vocab_file and merges_file).")
         if isinstance(vocab, str):
             vocab = files._read_json(vocab)
         if isinstance(merges, str):
@@ -166,7 +167,7 @@ class GPT2Tokenizer:
                 count += self._register(AddedToken(tok.content, True, tok.lstrip, tok.rstrip))
                 self._special[key] = tok.content
             else:
-                raise ValueError(f"Unknown special token name {key!r}: use one of {SPECIAL_NAMES} "
+                raise InvalidInputError(f"Unknown special token name {key!r}: use one of {SPECIAL_NAMES} "
                                  "or 'additional_special_tokens'.")
         if hasattr(self, "_engine"):
             self._build()
@@ -201,7 +202,7 @@ class GPT2Tokenizer:
                      offsets: bool = False):
         """Plain ids of one text (no bos), or (ids, offsets) when `offsets`."""
         if not isinstance(text, str):
-            raise TypeError(f"Expected text as str, got {type(text).__name__}: {text!r:.80}. "
+            raise InvalidArgumentError(f"Expected text as str, got {type(text).__name__}: {text!r:.80}. "
                             "Pass a str, a list of str, or (text, text_pair).")
         split_special = self.split_special_tokens if split_special is None else split_special
         prefix = self.add_prefix_space if prefix is None else prefix
@@ -274,7 +275,7 @@ class GPT2Tokenizer:
     def _check_ids(self, ids) -> list[int]:
         if hasattr(ids, "tolist"):  # torch / numpy
             if getattr(ids, "ndim", 1) > 1:
-                raise ValueError(f"Expected a 1-D sequence of ids, got shape {tuple(ids.shape)}; use batch_decode.")
+                raise InvalidInputError(f"Expected a 1-D sequence of ids, got shape {tuple(ids.shape)}; use batch_decode.")
             ids = ids.tolist()
         elif isinstance(ids, int):
             ids = [ids]
@@ -283,10 +284,10 @@ class GPT2Tokenizer:
         try:
             low, high = min(ids, default=0), max(ids, default=0)
         except TypeError:
-            raise TypeError(f"Token ids must be ints, got {ids!r:.80}.") from None
+            raise InvalidArgumentError(f"Token ids must be ints, got {ids!r:.80}.") from None
         if low < 0 or high >= len(self._id_bytes) or (self._holes and not self._holes.isdisjoint(ids)):
             bad = next(i for i in ids if not 0 <= i < len(self._id_bytes) or self._id_bytes[i] is None)
-            raise ValueError(f"Token id {bad} is outside the vocabulary (0..{len(self._id_bytes) - 1}).")
+            raise InvalidInputError(f"Token id {bad} is outside the vocabulary (0..{len(self._id_bytes) - 1}).")
         return ids
 
     def decode_bytes(self, token_ids, skip_special_tokens: bool = False) -> bytes:
@@ -345,7 +346,7 @@ def _special_property(name: str):
         if value is not None:
             value = as_added_token(value, True).content
             if self._token_id(value) is None:
-                raise ValueError(f"{value!r} is not in the vocabulary; add it with "
+                raise InvalidInputError(f"{value!r} is not in the vocabulary; add it with "
                                  f"tokenizer.add_special_tokens({{{name!r}: {value!r}}}).")
         self._special[name] = value
 

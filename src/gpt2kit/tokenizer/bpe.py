@@ -22,6 +22,7 @@ from itertools import chain, islice
 import re
 
 import regex
+from ..errors import InvalidInputError
 
 # GPT-2's pre-tokenization pattern, as released by OpenAI (and used by tiktoken and transformers).
 PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -204,6 +205,6 @@ def read_merges(lines) -> list[tuple[bytes, bytes]]:
             continue
         a, sep, b = line.partition(" ")
         if not sep or " " in b:
-            raise ValueError(f"Malformed merges line {line!r}: expected two symbols separated by one space.")
+            raise InvalidInputError(f"Malformed merges line {line!r}: expected two symbols separated by one space.")
         merges.append((token_to_bytes(a), token_to_bytes(b)))
     return merges

@@ -10,6 +10,7 @@ import os
 
 from . import vocab as files
 from .encoding import BatchEncoding, pad_rows, resolve_strategies, truncate
+from ..errors import InvalidArgumentError, InvalidInputError, NotSupportedError
 
 _PAD_ERROR = ("Asking to pad but the tokenizer does not have a padding token. Set one, e.g. "
               "`tokenizer.pad_token = tokenizer.eos_token`, or add one with "
@@ -45,10 +46,10 @@ def _examples(text, text_pair, split_words: bool):
         return batched, firsts, None
     pairs = [text_pair] if not batched else text_pair
     if not isinstance(pairs, (list, tuple)) or len(pairs) != len(firsts):
-        raise ValueError(f"text_pair must match text: {len(firsts)} first sequence(s), got {text_pair!r:.60}.")
+        raise InvalidInputError(f"text_pair must match text: {len(firsts)} first sequence(s), got {text_pair!r:.60}.")
     for p in pairs:
         if not (_is_words(p) if split_words else isinstance(p, str)):
-            raise TypeError(f"text_pair items must be {'lists of words' if split_words else 'str'}, got {p!r:.60}.")
+            raise InvalidArgumentError(f"text_pair items must be {'lists of words' if split_words else 'str'}, got {p!r:.60}.")
     return batched, firsts, list(pairs)
 
 
@@ -75,30 +76,30 @@ def tokenizer_call(self, text=None, text_pair=None, *, add_special_tokens=True, 
                    split_special_tokens=None) -> BatchEncoding:
     """Tokenize a str, a list of str, pairs, or pre-split words, as transformers' tokenizer call."""
     if text is None:
-        raise TypeError("Expected text as str, got None: pass a str, a list of str, or (text, text_pair).")
+        raise InvalidArgumentError("Expected text as str, got None: pass a str, a list of str, or (text, text_pair).")
     if stride or return_overflowing_tokens:
-        raise NotImplementedError("stride / return_overflowing_tokens are not supported; split long texts yourself.")
+        raise NotSupportedError("stride / return_overflowing_tokens are not supported; split long texts yourself.")
     prefix = self.add_prefix_space if add_prefix_space is None else add_prefix_space
     if is_split_into_words and not prefix:
-        raise ValueError("is_split_into_words=True needs add_prefix_space=True (on the tokenizer or in the call): "
+        raise InvalidInputError("is_split_into_words=True needs add_prefix_space=True (on the tokenizer or in the call): "
                          "each word is encoded with a space before it.")
     padding_side = padding_side or self.padding_side
     truncation_side = truncation_side or self.truncation_side
     for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
         if side not in ("left", "right"):
-            raise ValueError(f"{name}={side!r}: use 'left' or 'right'.")
+            raise InvalidInputError(f"{name}={side!r}: use 'left' or 'right'.")
     padding, truncation, max_length = resolve_strategies(padding, truncation, max_length, self.model_max_length, verbose)
     if padding != "do_not_pad" and self.pad_token_id is None:
-        raise ValueError(_PAD_ERROR)
+        raise InvalidInputError(_PAD_ERROR)
     batched, firsts, seconds = _examples(text, text_pair, is_split_into_words)
     bos = []
     if add_special_tokens and self.add_bos_token:
         if self.bos_token_id is None:
-            raise ValueError("add_bos_token=True but the tokenizer has no bos_token; set one.")
+            raise InvalidInputError("add_bos_token=True but the tokenizer has no bos_token; set one.")
         bos = [self.bos_token_id]
     n_special = len(bos) * (1 if seconds is None else 2)
     if truncation != "do_not_truncate" and max_length < n_special:
-        raise ValueError(f"max_length={max_length} leaves no room for the {n_special} special token(s) added.")
+        raise InvalidInputError(f"max_length={max_length} leaves no room for the {n_special} special token(s) added.")
     want_mask = return_attention_mask is not False
     if not is_split_into_words and seconds is None and not return_offsets_mapping:
         encoded = [(ids, None) for ids in self._encode_many(firsts, split_special_tokens, prefix)]
@@ -157,7 +158,7 @@ def encode(self, text, text_pair=None, add_special_tokens=True, **kwargs):
         ids = self._encode_text(text)
         return [self.bos_token_id] + ids if add_special_tokens and self.add_bos_token else ids
     if isinstance(text, (list, tuple)) and not kwargs.get("is_split_into_words"):
-        raise TypeError("encode takes one text; use tokenizer(list_of_texts) or encode_batch for several.")
+        raise InvalidArgumentError("encode takes one text; use tokenizer(list_of_texts) or encode_batch for several.")
     return tokenizer_call(self, text, text_pair, add_special_tokens=add_special_tokens, **kwargs)["input_ids"]
 
 
@@ -175,7 +176,7 @@ def pad(self, encoded_inputs, padding=True, max_length=None, pad_to_multiple_of=
     rows = [{k: (v.tolist() if hasattr(v, "tolist") else list(v)) for k, v in r.items()} for r in rows]
     padding, _, max_length = resolve_strategies(padding, False, max_length, self.model_max_length, verbose)
     if padding != "do_not_pad" and self.pad_token_id is None:
-        raise ValueError(_PAD_ERROR)
+        raise InvalidInputError(_PAD_ERROR)
     for r in rows:
         if return_attention_mask is not False and "attention_mask" not in r:
             r["attention_mask"] = [1] * len(r["input_ids"])
@@ -200,9 +201,9 @@ def save_vocabulary(self, save_directory, filename_prefix=None) -> tuple[str, st
 def save_pretrained(self, save_directory, legacy_format=None, filename_prefix=None, push_to_hub=False, **kwargs):
     """Write vocab.json, merges.txt and tokenizer_config.json (settings, special and added tokens)."""
     if push_to_hub or kwargs:
-        raise TypeError(f"save_pretrained does not support {'push_to_hub' if push_to_hub else sorted(kwargs)}.")
+        raise InvalidArgumentError(f"save_pretrained does not support {'push_to_hub' if push_to_hub else sorted(kwargs)}.")
     if os.path.isfile(save_directory):
-        raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
+        raise InvalidInputError(f"{save_directory!r} is a file; save_pretrained needs a directory.")
     paths = save_vocabulary(self, save_directory, filename_prefix)
     config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": self.add_prefix_space,
               "add_bos_token": self.add_bos_token, "errors": self.errors, "model_max_length": self.model_max_length,
@@ -223,11 +224,11 @@ def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, cache_dir=
     """Load from a local directory, the bundled vocabulary ("gpt2", "openai-community/gpt2", its
     larger siblings and distilgpt2), or a Hub repo (through huggingface_hub, honouring offline mode)."""
     if init_inputs:
-        raise TypeError("from_pretrained takes keyword arguments only after the name.")
+        raise InvalidArgumentError("from_pretrained takes keyword arguments only after the name.")
     params = set(inspect.signature(cls.__init__).parameters) - {"self", "vocab_file", "merges_file", "vocab", "merges"}
     unknown = sorted(set(kwargs) - params)
     if unknown:
-        raise TypeError(f"Unknown argument(s) {unknown} for {cls.__name__}.from_pretrained; known: {sorted(params)}.")
+        raise InvalidArgumentError(f"Unknown argument(s) {unknown} for {cls.__name__}.from_pretrained; known: {sorted(params)}.")
     label, resolve, default_max = files.resolve_source(
         pretrained_model_name_or_path, cache_dir=cache_dir, revision=revision,
         local_files_only=local_files_only, token=token if token is not None else use_auth_token, subfolder=subfolder)

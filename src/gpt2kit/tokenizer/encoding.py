@@ -7,6 +7,7 @@ request silently (max_length below the number of special tokens) this module rai
 from __future__ import annotations
 
 import logging
+from ..errors import InvalidInputError
 
 logger = logging.getLogger("gpt2kit.tokenizer")
 
@@ -58,12 +59,12 @@ class BatchEncoding(dict):
 
             make = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         else:
-            raise ValueError(f"return_tensors={tensor_type!r} is not supported: use 'pt', 'np' or None.")
+            raise InvalidInputError(f"return_tensors={tensor_type!r} is not supported: use 'pt', 'np' or None.")
         for key, value in self.items():
             if value and isinstance(value[0], list):  # batched: every row must have one length
                 widths = {len(v) for v in value}
                 if len(widths) > 1:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"Unable to create a tensor: the sequences have different lengths {sorted(widths)}. "
                         "Pass padding=True (and truncation=True) to get batched tensors of one length.")
             self[key] = make(value)
@@ -77,7 +78,7 @@ def resolve_strategies(padding, truncation, max_length, model_max_length, verbos
     elif padding is False or padding is None:
         padding = "do_not_pad"
     elif padding not in PADDING_STRATEGIES:
-        raise ValueError(f"padding={padding!r}: use True/'longest', 'max_length' or False/'do_not_pad'.")
+        raise InvalidInputError(f"padding={padding!r}: use True/'longest', 'max_length' or False/'do_not_pad'.")
     if truncation is None and max_length is not None and padding == "do_not_pad":
         if verbose:  # transformers does this too: max_length alone turns truncation on, with a warning
             logger.warning("max_length=%s was given without truncation: truncating to it ('longest_first'). "
@@ -88,16 +89,16 @@ def resolve_strategies(padding, truncation, max_length, model_max_length, verbos
     elif truncation is False or truncation is None:
         truncation = "do_not_truncate"
     elif truncation not in TRUNCATION_STRATEGIES:
-        raise ValueError(f"truncation={truncation!r}: use True/'longest_first', 'only_first', 'only_second' or False.")
+        raise InvalidInputError(f"truncation={truncation!r}: use True/'longest_first', 'only_first', 'only_second' or False.")
     if max_length is None:
         if padding == "max_length" or truncation != "do_not_truncate":
             if model_max_length >= UNSET_MAX_LENGTH:
                 if padding == "max_length":
-                    raise ValueError("padding='max_length' needs max_length=...: this tokenizer has no model_max_length.")
+                    raise InvalidInputError("padding='max_length' needs max_length=...: this tokenizer has no model_max_length.")
             else:
                 max_length = model_max_length
     elif not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 0:
-        raise ValueError(f"max_length must be a non-negative int, got {max_length!r}.")
+        raise InvalidInputError(f"max_length must be a non-negative int, got {max_length!r}.")
     if max_length is None:
         truncation = "do_not_truncate"
     return padding, truncation, max_length
@@ -118,15 +119,15 @@ def truncate(a: list, b: list | None, target: int, strategy: str, side: str):
         return a, b
     excess = total - target
     if strategy == "only_second" and b is None:
-        raise ValueError("truncation='only_second' needs a second sequence (text_pair).")
+        raise InvalidInputError("truncation='only_second' needs a second sequence (text_pair).")
     if b is None or strategy == "only_first":
         if len(a) <= excess and b is not None:
-            raise ValueError(f"Cannot truncate the first sequence ({len(a)} tokens) enough to fit max_length; "
+            raise InvalidInputError(f"Cannot truncate the first sequence ({len(a)} tokens) enough to fit max_length; "
                              "use truncation='longest_first' or a larger max_length.")
         return _keep(a, max(len(a) - excess, 0), side), b
     if strategy == "only_second":
         if len(b) <= excess:
-            raise ValueError(f"Cannot truncate the second sequence ({len(b)} tokens) enough to fit max_length; "
+            raise InvalidInputError(f"Cannot truncate the second sequence ({len(b)} tokens) enough to fit max_length; "
                              "use truncation='longest_first' or a larger max_length.")
         return a, _keep(b, len(b) - excess, side)
     # longest_first, as the Rust backend: the shorter sequence (the first on a tie) keeps up to half.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import GPT2Tokenizer
 from .bpe import tiktoken_available
+from ..errors import InvalidArgumentError
 
 
 class GPT2TokenizerFast(GPT2Tokenizer):
@@ -26,7 +27,7 @@ class AutoTokenizer:
     """`AutoTokenizer.from_pretrained(name)`: GPT2TokenizerFast (or GPT2Tokenizer with use_fast=False)."""
 
     def __init__(self):
-        raise TypeError("Use AutoTokenizer.from_pretrained(name_or_directory).")
+        raise InvalidArgumentError("Use AutoTokenizer.from_pretrained(name_or_directory).")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *inputs, use_fast: bool = True, **kwargs):

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from ..errors import InvalidArgumentError, InvalidInputError, MissingFileError, NotSupportedError
 
 ASSETS = Path(__file__).with_name("assets")
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
@@ -41,9 +42,9 @@ class AddedToken:
 
     def __post_init__(self):
         if not isinstance(self.content, str) or not self.content:
-            raise TypeError(f"An added token must be a non-empty string, got {self.content!r}.")
+            raise InvalidArgumentError(f"An added token must be a non-empty string, got {self.content!r}.")
         if self.single_word:
-            raise NotImplementedError("AddedToken(single_word=True) is not supported; match it without single_word.")
+            raise NotSupportedError("AddedToken(single_word=True) is not supported; match it without single_word.")
 
     def __str__(self):
         return self.content
@@ -64,7 +65,7 @@ def as_added_token(token, special: bool) -> AddedToken:
         return AddedToken(content, special=special or bool(getattr(token, "special", False)),
                           lstrip=bool(getattr(token, "lstrip", False)), rstrip=bool(getattr(token, "rstrip", False)),
                           single_word=bool(getattr(token, "single_word", False)))
-    raise TypeError(f"Expected a token string or AddedToken, got {type(token).__name__}: {token!r}.")
+    raise InvalidArgumentError(f"Expected a token string or AddedToken, got {type(token).__name__}: {token!r}.")
 
 
 @dataclass
@@ -101,7 +102,7 @@ def read_tokenizer_json(path) -> tuple[dict[str, int], list[str], list[tuple[int
     data = _read_json(path)
     model = data.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise ValueError(f"{path}: not a byte-level BPE tokenizer.json (model.type is {model.get('type')!r}).")
+        raise InvalidInputError(f"{path}: not a byte-level BPE tokenizer.json (model.type is {model.get('type')!r}).")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     added = [(t["id"], AddedToken(t["content"], special=bool(t.get("special")), lstrip=bool(t.get("lstrip")),
                                   rstrip=bool(t.get("rstrip")), normalized=t.get("normalized")))
@@ -127,7 +128,7 @@ def load_files(directory: str, resolve) -> TokenizerFiles:
     else:
         tok_json = resolve(TOKENIZER_FILE)
         if not tok_json:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No tokenizer files in {directory!r}: expected vocab.json + merges.txt, or tokenizer.json. "
                 "Pass a directory written by save_pretrained (gpt2kit or transformers).")
         vocab, merges, added, settings = read_tokenizer_json(tok_json)
@@ -145,7 +146,7 @@ def resolve_source(name_or_path, *, cache_dir=None, revision=None, local_files_o
     """-> (label, resolve(filename) -> local path or None, default model_max_length or None)."""
     name = os.fspath(name_or_path)
     if not isinstance(name, str):
-        raise TypeError(f"from_pretrained expects a name or a directory, got {type(name_or_path).__name__}.")
+        raise InvalidArgumentError(f"from_pretrained expects a name or a directory, got {type(name_or_path).__name__}.")
     if not os.path.isdir(name) and name in BUNDLED and revision in (None, "main"):
         # The bundled files are identical to the Hub's for these names: no network, works offline.
         return name, lambda f: _existing(ASSETS / f), BUNDLED[name]

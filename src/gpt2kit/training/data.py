@@ -17,6 +17,7 @@ import sys
 import torch
 
 from ..utils import atomic_path
+from ..errors import GPT2KitFileError, InvalidInputError, MissingFileError
 
 CACHE_VERSION = 1
 EOT_ID = 50256
@@ -48,18 +49,18 @@ def _tokenizer_fingerprint(tok) -> str:
 def read_text(path: str) -> bytes:
     """A text file's bytes, with errors a person can act on."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Text file {path!r} does not exist.")
+        raise MissingFileError(f"Text file {path!r} does not exist.")
     if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory; pass text files (or a glob of them).")
+        raise GPT2KitFileError(f"{path!r} is a directory; pass text files (or a glob of them).")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise OSError(f"Cannot read text file {path!r}: {e.strerror or e}.") from e
+        raise GPT2KitFileError(f"Cannot read text file {path!r}: {e.strerror or e}.") from e
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path!r} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 first.") from None
+        raise InvalidInputError(f"{path!r} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8 first.") from None
     return data
 
 
@@ -95,7 +96,7 @@ def tokenize_to_cache(path: str, tok, *, start: int = 0, end: int | None = None,
     end = len(data) if end is None else end
     part = data[start:end]
     if len(tok) > 65536:
-        raise ValueError(f"The tokenizer has {len(tok)} tokens; the uint16 cache holds ids below 65536 only.")
+        raise InvalidInputError(f"The tokenizer has {len(tok)} tokens; the uint16 cache holds ids below 65536 only.")
     key = hashlib.sha256(part)
     key.update(f"{CACHE_VERSION}:{_tokenizer_fingerprint(tok)}".encode())
     cache_dir = cache_dir or default_cache_dir()
@@ -169,7 +170,7 @@ class WindowSampler:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.n_windows = (len(tokens) - 1 - (seq_len - 1)) // seq_len if len(tokens) > seq_len else 0
         if self.n_windows < 1:
-            raise ValueError(f"The training text has {len(tokens)} tokens, fewer than one window of "
+            raise InvalidInputError(f"The training text has {len(tokens)} tokens, fewer than one window of "
                              f"seq_len + 1 = {seq_len + 1} tokens (plus room to shift it): use more text or a shorter --seq-len.")
         self._epoch, self._order, self._offset = None, None, 0
 

@@ -4,6 +4,7 @@ on the first 90% of tinyshakespeare, shipped inside the package so that `gpt2kit
 from __future__ import annotations
 
 import os
+from ..errors import MissingFileError
 
 _DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default-model")
 
@@ -11,6 +12,6 @@ _DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def default_model_dir() -> str:
     """The directory of the embedded default model (config.json, model.safetensors, vocab.json, merges.txt)."""
     if not os.path.isfile(os.path.join(_DIR, "model.safetensors")):
-        raise FileNotFoundError(f"The embedded default model is missing from {_DIR}: the gpt2kit installation is "
+        raise MissingFileError(f"The embedded default model is missing from {_DIR}: the gpt2kit installation is "
                                 "incomplete. Reinstall gpt2kit, or pass a model directory or Hub name explicitly.")
     return _DIR

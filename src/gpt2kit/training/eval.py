@@ -16,12 +16,13 @@ import sys
 import torch
 
 from .loss import IGNORE_INDEX, linear_cross_entropy
+from ..errors import InvalidInputError
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first_scored) per window: input ids[begin:end], targets at positions >= first_scored."""
     if stride > max_length:
-        raise ValueError(f"stride ({stride}) must not exceed the window length ({max_length}): tokens would go unscored.")
+        raise InvalidInputError(f"stride ({stride}) must not exceed the window length ({max_length}): tokens would go unscored.")
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + max_length, n_tokens)
@@ -38,7 +39,7 @@ def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, 
     """(sum of next-token NLLs in nats, number of tokens scored) of 1-D `ids` under a GPT2LMHeadModel."""
     max_length = max_length or model.config.n_positions
     if max_length > model.config.n_positions:
-        raise ValueError(f"The window ({max_length} tokens) exceeds the model's n_positions ({model.config.n_positions}).")
+        raise InvalidInputError(f"The window ({max_length} tokens) exceeds the model's n_positions ({model.config.n_positions}).")
     stride = stride or max(1, max_length // 2)
     device = model.device
     ids = ids.to(torch.int64)
@@ -68,7 +69,7 @@ def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, 
 def report(model, ids: torch.Tensor, n_bytes: int, max_length=None, stride=None, batch_size=8) -> dict:
     """Perplexity, bits per byte and counts of token ids `ids` (the encoding of `n_bytes` bytes of text)."""
     if len(ids) < 2:
-        raise ValueError(f"The text has {len(ids)} token(s); perplexity needs at least 2.")
+        raise InvalidInputError(f"The text has {len(ids)} token(s); perplexity needs at least 2.")
     max_length = max_length or model.config.n_positions
     stride = stride or max(1, max_length // 2)
     nll, n = sliding_window_nll(model, ids, max_length, stride, batch_size)

@@ -26,6 +26,7 @@ from .optim import build_adamw
 from .runlog import RunLog, plot_loss
 from .schedule import warmup_cosine
 from .settings import PRESETS, SIZE_FIELDS, TrainConfig
+from ..errors import InvalidInputError, MissingFileError
 
 # -- process group ---------------------------------------------------------------------------------
 def _distributed() -> tuple[int, int, int]:
@@ -35,9 +36,9 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
-    from .device import resolve_device
+    from ..devices import resolve_device
 
-    dev = resolve_device(name)
+    dev = resolve_device(name, "--device")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev
@@ -71,7 +72,7 @@ def _build_model(cfg: TrainConfig, vocab_size: int, resume_dir: str | None):
     sizes.update({k: getattr(cfg, k) for k in SIZE_FIELDS if getattr(cfg, k) is not None})
     missing = [k for k in ("n_layer", "n_embd", "n_head") if k not in sizes]
     if missing:
-        raise ValueError("Say what to train: --model DIR to fine-tune, --preset (gpt2, gpt2-medium, ...), or all "
+        raise InvalidInputError("Say what to train: --model DIR to fine-tune, --preset (gpt2, gpt2-medium, ...), or all "
                          f"of --n-layer/--n-embd/--n-head (missing: {', '.join(missing)}).")
     drop = 0.0 if cfg.dropout is None else cfg.dropout
     config = GPT2Config(vocab_size=vocab_size, resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop, **sizes)
@@ -134,7 +135,7 @@ def _check_resumable(cfg: TrainConfig, saved: dict, world: int, saved_world: int
     if world != saved_world:
         diffs.append(f"world size ({world} now, {saved_world} in the checkpoint)")
     if diffs:
-        raise ValueError("--resume continues a run exactly, so it needs the settings the run started with; these differ: "
+        raise InvalidInputError("--resume continues a run exactly, so it needs the settings the run started with; these differ: "
                          + "; ".join(diffs) + ". Repeat the original command with --resume, or train into a new --out.")
 
 
@@ -147,7 +148,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
     if cfg.resume:
         resume_dir = ckpt.latest_checkpoint(cfg.out_dir)
         if resume_dir is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')}. "
+            raise MissingFileError(f"--resume: no checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')}. "
                                     "Start the run without --resume.")
         state = ckpt.load_state(resume_dir)
         _check_resumable(cfg, state["config"], world, state["world_size"])
@@ -156,9 +157,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
     model = _build_model(cfg, len(tok), resume_dir).to(device)
     seq_len = cfg.seq_len or model.config.n_positions
     if seq_len > model.config.n_positions:
-        raise ValueError(f"seq-len {seq_len} exceeds the model's n_positions ({model.config.n_positions}).")
+        raise InvalidInputError(f"seq-len {seq_len} exceeds the model's n_positions ({model.config.n_positions}).")
     if len(tok) > model.config.vocab_size:
-        raise ValueError(f"The tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size} embeddings.")
+        raise InvalidInputError(f"The tokenizer has {len(tok)} tokens but the model only {model.config.vocab_size} embeddings.")
 
     # data: rank 0 tokenizes into the cache while the others wait, then everyone maps it
     def splits(progress):

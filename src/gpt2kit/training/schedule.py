@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from ..errors import InvalidInputError
 
 
 class WarmupCosine:
@@ -16,9 +17,9 @@ class WarmupCosine:
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
         if warmup_steps < 0 or total_steps <= 0:
-            raise ValueError(f"warmup_steps must be >= 0 and total_steps > 0, got {warmup_steps} and {total_steps}.")
+            raise InvalidInputError(f"warmup_steps must be >= 0 and total_steps > 0, got {warmup_steps} and {total_steps}.")
         if not 0.0 <= min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must lie in [0, 1], got {min_ratio}.")
+            raise InvalidInputError(f"min_ratio must lie in [0, 1], got {min_ratio}.")
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
 
     def __call__(self, step: int) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from ..errors import InvalidInputError
 
 PRESETS = {  # the sizes of OpenAI's four GPT-2 models
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
@@ -59,26 +60,26 @@ class TrainConfig:
         def positive(name):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
-                raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}.")
+                raise InvalidInputError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}.")
 
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "seq_len", *SIZE_FIELDS):
             positive(name)
         for name in ("eval_every", "save_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
+                raise InvalidInputError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
         if not self.files:
-            raise ValueError("No training text: pass one or more text files.")
+            raise InvalidInputError("No training text: pass one or more text files.")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val-fraction must lie in [0, 1), got {self.val_fraction}.")
+            raise InvalidInputError(f"val-fraction must lie in [0, 1), got {self.val_fraction}.")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}.")
+            raise InvalidInputError(f"lr must be positive, got {self.lr}.")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}.")
+            raise InvalidInputError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.model is not None and (self.preset or any(getattr(self, k) is not None for k in ("n_layer", "n_embd", "n_head"))):
-            raise ValueError("Pass either --model (fine-tune a checkpoint) or --preset / sizes (train from scratch), not both.")
+            raise InvalidInputError("Pass either --model (fine-tune a checkpoint) or --preset / sizes (train from scratch), not both.")
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
+            raise InvalidInputError(f"Unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
+            raise InvalidInputError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}.")
+            raise InvalidInputError(f"save-dtype must be float32, bfloat16 or float16, got {self.save_dtype!r}.")

@@ -16,10 +16,12 @@ import threading
 import torch
 
 from ..config import GPT2Config
-from ..utils import atomic_write_text, device_unavailable
+from ..devices import resolve_device
+from ..utils import atomic_write_text
 from . import formats
 from .hub import ModelNotFoundError, resolve_file
 from .keymap import check_plan, plan_load, to_file_layout, to_model_layout
+from ..errors import InvalidArgumentError, InvalidInputError, NotSupportedError
 
 logger = logging.getLogger("gpt2kit.weights")
 
@@ -40,35 +42,10 @@ def parse_dtype(x) -> torch.dtype | None:
     elif isinstance(x, str) and x.lower().removeprefix("torch.") in _DTYPES:
         dtype = _DTYPES[x.lower().removeprefix("torch.")]
     else:
-        raise ValueError(f"dtype must be 'auto', a torch.dtype or one of {', '.join(sorted(_DTYPES))}; got {x!r}.")
+        raise InvalidInputError(f"dtype must be 'auto', a torch.dtype or one of {', '.join(sorted(_DTYPES))}; got {x!r}.")
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point type for the weights, got {dtype}.")
+        raise InvalidInputError(f"dtype must be a floating-point type for the weights, got {dtype}.")
     return dtype
-
-
-def resolve_device(device_map) -> torch.device:
-    """device_map -> one device. gpt2kit places a whole model on one device (no `accelerate` needed)."""
-    if isinstance(device_map, dict):
-        devices = set(device_map.values())
-        if len(devices) != 1:
-            raise NotImplementedError(f"gpt2kit puts the whole model on one device; device_map={device_map!r} splits it. "
-                                      "Pass one device, e.g. device_map='cuda' or 'cpu'.")
-        device_map = devices.pop()
-    if device_map is None:
-        return torch.device("cpu")
-    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device_map)  # "cpu", "cuda", "cuda:1", an int (a CUDA index), a torch.device
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device_map must be 'auto', 'cpu', 'cuda', 'cuda:N', an int or a torch.device; "
-                         f"got {device_map!r}.") from e
-    problem = device_unavailable(device)
-    if problem:
-        raise RuntimeError(f"device_map={device_map!r} {problem}. Use device_map='cpu' or 'auto'.")
-    if device.type == "meta":
-        raise ValueError("device_map='meta' would load no weights; build with torch.device('meta') and from_config instead.")
-    return device
 
 
 # -- finding the weights --------------------------------------------------------------------------------
@@ -108,9 +85,9 @@ def _load_config(cls, name_or_path, config, overrides, hub_kwargs) -> GPT2Config
                 unused[key] = value
         config.validate()
     else:
-        raise TypeError(f"config must be a GPT2Config, a path or a model name; got {type(config).__name__}.")
+        raise InvalidArgumentError(f"config must be a GPT2Config, a path or a model name; got {type(config).__name__}.")
     if unused:
-        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(sorted(unused))}: they are "
+        raise InvalidArgumentError(f"from_pretrained() got unexpected keyword argument(s) {', '.join(sorted(unused))}: they are "
                         "neither loading options nor GPT2Config fields.")
     return config
 
@@ -127,7 +104,7 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
     `low_cpu_mem_usage` is accepted for compatibility: loading is always low-memory.
     """
     if quantization_config is not None:
-        raise NotImplementedError("quantization_config (4/8-bit loading) is not implemented in gpt2kit yet; load without "
+        raise NotSupportedError("quantization_config (4/8-bit loading) is not implemented in gpt2kit yet; load without "
                                   "it, in float32/bfloat16/float16 via dtype=.")
     hub_kwargs = dict(cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token,
                       subfolder=subfolder)
@@ -136,7 +113,7 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
         config._attn_implementation = attn_implementation
         config.validate()
     target_dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
-    device = resolve_device(device_map)
+    device = resolve_device(device_map, "device_map")
 
     where, state = _find_weights(name_or_path, use_safetensors, hub_kwargs)
     if target_dtype is None:  # 'auto': the stored dtype
@@ -250,15 +227,15 @@ def save_pretrained(model, save_directory, *, is_main_process=True, state_dict=N
     safe_serialization=False; sharded with an index past max_shard_size) in transformers' layout.
     Only the main process writes (is_main_process=False writes nothing, to avoid races)."""
     if kwargs:
-        raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {', '.join(sorted(kwargs))}.")
+        raise InvalidArgumentError(f"save_pretrained() got unexpected keyword argument(s) {', '.join(sorted(kwargs))}.")
     if push_to_hub:
-        raise NotImplementedError("gpt2kit does not upload. Save to a directory, then upload it with "
+        raise NotSupportedError("gpt2kit does not upload. Save to a directory, then upload it with "
                                   "huggingface_hub.upload_folder(repo_id=..., folder_path=save_directory).")
     if variant is not None:
-        raise NotImplementedError("Weight variants (model.<variant>.safetensors) are not supported; omit variant=.")
+        raise NotSupportedError("Weight variants (model.<variant>.safetensors) are not supported; omit variant=.")
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
-        raise ValueError(f"save_pretrained needs a directory, but {save_directory!r} is a file.")
+        raise InvalidInputError(f"save_pretrained needs a directory, but {save_directory!r} is a file.")
     if not is_main_process:
         return
     os.makedirs(save_directory, exist_ok=True)

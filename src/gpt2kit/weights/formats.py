@@ -17,6 +17,7 @@ import zipfile
 import torch
 
 from ..utils import atomic_path, atomic_write_text
+from ..errors import GPT2KitFileError, InvalidInputError
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -27,7 +28,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
 
 
-class CheckpointFileError(OSError):
+class CheckpointFileError(GPT2KitFileError):
     """A weights file that cannot be read: truncated, corrupt, or not a checkpoint at all."""
 
 
@@ -107,11 +108,11 @@ def parse_size(size) -> int:
     """'5GB' -> 5_000_000_000, '200MiB' -> 209_715_200; an int passes through (bytes)."""
     if isinstance(size, int) and not isinstance(size, bool):
         if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}.")
+            raise InvalidInputError(f"max_shard_size must be positive, got {size}.")
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
     if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive size like '5GB', '500MB' or a number of bytes, got {size!r}.")
+        raise InvalidInputError(f"max_shard_size must be a positive size like '5GB', '500MB' or a number of bytes, got {size!r}.")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from ..errors import GPT2KitFileError, MissingFileError
 
-class ModelNotFoundError(OSError):
+
+class ModelNotFoundError(GPT2KitFileError):
     """Raised when a name is neither a local directory nor a reachable/cached Hub repo."""
 
 
@@ -47,7 +49,7 @@ def resolve_file(
         if os.path.isfile(path):
             return path
         if required:
-            raise FileNotFoundError(f"{filename!r} not found in local directory {name!r}.")
+            raise MissingFileError(f"{filename!r} not found in local directory {name!r}.")
         return None
     if os.path.isfile(name):
         raise ModelNotFoundError(
@@ -83,7 +85,7 @@ def resolve_file(
         ) from e
     except EntryNotFoundError:
         if required:
-            raise FileNotFoundError(f"{filename!r} does not exist in Hub repo {name!r} (revision {revision or 'main'}).")
+            raise MissingFileError(f"{filename!r} does not exist in Hub repo {name!r} (revision {revision or 'main'}).")
         return None
     except RepositoryNotFoundError as e:
         raise ModelNotFoundError(f"{name!r} is neither a local directory nor a Hub repo. {_local_hint(name)}") from e

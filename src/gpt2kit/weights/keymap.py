@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import GPT2KitError
+
 # the names of every GPT-2 task head's weights in transformers' checkpoints
 HEAD_PREFIXES = ("lm_head.", "multiple_choice_head.", "score.", "classifier.", "qa_outputs.")
 _MASK_BUFFER = re.compile(r"^(?:transformer\.)?h\.\d+\.(?:attn|crossattention)\.(?:bias|masked_bias)$")
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(GPT2KitError, RuntimeError):
     """The checkpoint's names or shapes do not fit the model."""
 
 
