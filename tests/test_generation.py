@@ -256,15 +256,16 @@ def test_batched_decode_through_onednn_matches_transformers(sdpa_pair):
 def test_fixed_shape_graph_step_matches_transformers(sdpa_pair, monkeypatch):
     """The CUDA-graph runner's fixed-shape step (full-length cache, key mask, write position on the device),
     run here without capture, gives transformers' tokens, for greedy (padded, eos) and beams."""
-    from gpt2kit.generation import engine
     from gpt2kit.generation.graphs import GraphRunner
 
-    monkeypatch.setattr(engine, "make_runner",
-                        lambda model, plan: GraphRunner(model, plan.input_ids.shape[0], plan.max_length,
-                                                        plan.attention_mask, capture=False))
+    made = []
+    monkeypatch.setattr(runner_mod, "make_runner",
+                        lambda model, plan: made.append(GraphRunner(model, plan.input_ids.shape[0], plan.max_length,
+                                                                    plan.attention_mask, capture=False)) or made[-1])
     hf, ours = sdpa_pair
     ids, mask = prompts()
     eos = eos_that_fires(hf, ids, mask, step=2)
     for kw in (dict(max_new_tokens=10, eos_token_id=eos), dict(max_new_tokens=7, num_beams=3, eos_token_id=eos)):
         a, b = both(hf, ours, ids, attention_mask=mask, pad_token_id=0, **kw)
         assert torch.equal(a, b), kw
+    assert len(made) == 2  # both searches ran on the fixed-shape runner

@@ -107,3 +107,16 @@ class ModelRunner:
 
     def final_cache(self):
         return self.cache
+
+
+def make_runner(model, plan):
+    """The runner for a generation plan (engine.Plan): the decode entry where it applies, model.forward else."""
+    B = plan.input_ids.shape[0]
+    impl = plan.cfg.cache_implementation
+    if impl == "dynamic" or not decode_supported(model):
+        return ModelRunner(model, B, plan.max_length, plan.attention_mask, static=impl == "static")
+    if model.device.type == "cuda":  # fixed shapes, the decode step replayed from a CUDA graph
+        from .graphs import GraphRunner
+
+        return GraphRunner(model, B, plan.max_length, plan.attention_mask)
+    return DecodeRunner(model, B, plan.max_length, plan.attention_mask)
