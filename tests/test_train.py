@@ -153,3 +153,24 @@ def test_fused_loss_matches_cross_entropy_and_its_gradients(chunk):
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(gh, h.grad)
     torch.testing.assert_close(gw, w.grad)
+
+
+def test_saved_files_get_the_umask_mode_not_0600(tmp_path, text_file):
+    """Every file a run writes (model, tokenizer, configs, checkpoints, training state, log, plot, token cache)
+    and a pytorch_model.bin get 0o666 less the umask, as open() gives; 0o027 tells that from both mkstemp's
+    0o600 and a fixed 0o644."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    old = os.umask(0o027)
+    try:
+        train(TrainConfig(files=[text_file], out_dir=str(out), max_steps=2, save_every=1, cache_dir=str(cache),
+                          **TINY_RUN))
+        from gpt2kit import GPT2LMHeadModel
+
+        GPT2LMHeadModel.from_pretrained(out).save_pretrained(tmp_path / "bin", safe_serialization=False)
+    finally:
+        os.umask(old)
+    files = [os.path.join(d, f) for top in (out, cache, tmp_path / "bin") for d, _, fs in os.walk(top) for f in fs]
+    names = {os.path.basename(f) for f in files}
+    assert {"model.safetensors", "training_state.pt", "latest", "vocab.json", "config.json", "log.jsonl",
+            "pytorch_model.bin"} <= names
+    assert {f: oct(os.stat(f).st_mode & 0o777) for f in files} == {f: oct(0o640) for f in files}

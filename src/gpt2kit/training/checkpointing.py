@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CheckpointFileError, MissingFileError
 from ..torchfile import load_torch_file
-from ..utils import atomic_write_text
+from ..utils import atomic_path, atomic_write_text
 from ..weights.formats import read_safetensors
 
 STATE_NAME = "training_state.pt"
@@ -99,7 +99,8 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer, state: dict, keep
     state = {"format": STATE_FORMAT, **state}
     check_plain(state)  # never write a state that the safe loader would refuse
     save_model_dir(model, tokenizer, tmp)
-    torch.save(state, os.path.join(tmp, STATE_NAME))
+    with atomic_path(os.path.join(tmp, STATE_NAME)) as part:  # fsynced, like the model files, before the rename
+        torch.save(state, part)
     if os.path.exists(final):  # a re-run over the same step: replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
