@@ -82,7 +82,7 @@ class TrainConfig:
             raise InvalidInputError(f"lr must be positive, got {self.lr}.")
         if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
             raise InvalidInputError(f"--warmup-steps ({self.warmup_steps}) exceeds --max-steps ({self.max_steps}): the "
-                                    "learning rate would never reach its peak. Use at most --max-steps warmup steps.")
+                                    f"learning rate would never reach its peak. Use --warmup-steps {self.max_steps} or fewer.")
         if self.resume and self.overwrite:
             raise InvalidInputError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
