@@ -176,3 +176,27 @@ def test_damaged_files_stay_corrupt_not_unsafe(tmp_path):
     with pytest.raises(CheckpointFileError, match="pytorch_model.bin.*truncated or corrupt") as info:
         GPT2LMHeadModel.from_pretrained(model)
     assert "PytorchStreamReader" not in str(info.value)
+
+
+def test_nothing_in_the_package_unpickles_except_through_torchfile():
+    """torchfile.load_torch_file holds the one torch.load of the package, with weights_only=True; no module
+    calls pickle/marshal/numpy loaders or imports dill or joblib."""
+    import ast
+    import pathlib
+
+    import gpt2kit
+
+    root = pathlib.Path(gpt2kit.__file__).parent
+    loads, imports = [], []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "loads"):
+                owner = ast.unparse(node.func.value)
+                if owner in ("torch", "pickle", "np", "numpy", "marshal", "dill", "joblib"):
+                    keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                    loads.append((str(path.relative_to(root)), f"{owner}.{node.func.attr}", keywords.get("weights_only")))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                imports += [(str(path.relative_to(root)), n) for n in names if n in ("pickle", "dill", "joblib", "marshal")]
+    assert loads == [("torchfile.py", "torch.load", "True")]
+    assert imports == [("torchfile.py", "pickle")]  # for pickle.UnpicklingError only
