@@ -3,6 +3,7 @@ weight-decay groups, fused loss) do what they claim."""
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -74,27 +75,27 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, text_file, capsys):
 
 
 def test_a_damaged_training_state_falls_back_to_the_previous_checkpoint(tmp_path, text_file, capsys):
-    common = dict(files=[text_file], max_steps=6, save_every=2, dropout=0.1, cache_dir=str(tmp_path / "cache"), **TINY_RUN)
+    common = dict(files=[text_file], max_steps=4, save_every=1, dropout=0.1, cache_dir=str(tmp_path / "cache"), **TINY_RUN)
     full = train(TrainConfig(out_dir=str(tmp_path / "a"), **common))["losses"]
-    out = str(tmp_path / "b")
-    train(TrainConfig(out_dir=out, stop_after=5, **common))  # keeps step-000002 and step-000004
+    out, alone = str(tmp_path / "b"), str(tmp_path / "c")
+    train(TrainConfig(out_dir=out, stop_after=3, **common))  # keeps step-000002 and step-000003
+    shutil.copytree(out, alone)
     state = os.path.join(latest_checkpoint(out), STATE_NAME)
     data = open(state, "rb").read()
     open(state, "wb").write(data[: len(data) // 2])
     capsys.readouterr()
     resumed = train(TrainConfig(out_dir=out, resume=True, **common))["losses"]
     err = capsys.readouterr().err
-    assert sorted(resumed) == [3, 4, 5, 6] and [resumed[s] for s in range(3, 7)] == [full[s] for s in range(3, 7)]
+    assert sorted(resumed) == [3, 4] and [resumed[3], resumed[4]] == [full[3], full[4]]
     assert f"Training state {state!r} is unreadable" in err and "previous kept checkpoint, step-000002" in err
     assert "PytorchStreamReader" not in err
 
     # nothing older to fall back to: the error names the file and what to do
-    one = str(tmp_path / "c")
-    train(TrainConfig(out_dir=one, stop_after=3, keep_checkpoints=1, **common))
-    state = os.path.join(latest_checkpoint(one), STATE_NAME)
+    shutil.rmtree(os.path.join(alone, "checkpoints", "step-000002"))
+    state = os.path.join(latest_checkpoint(alone), STATE_NAME)
     open(state, "wb").write(b"\x00" * 64)
     with pytest.raises(CheckpointFileError) as info:
-        train(TrainConfig(out_dir=one, resume=True, **common))
+        train(TrainConfig(out_dir=alone, resume=True, **common))
     assert repr(state) in str(info.value) and "--overwrite" in str(info.value)
     assert "PytorchStreamReader" not in str(info.value) and "weights_only" not in str(info.value)
 
@@ -121,15 +122,15 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
 
     argv = [text_file, "--n-layer", "2", "--n-embd", "32", "--n-head", "4", "--n-positions", "32", "--batch-size", "4",
             "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0", "--dtype", "float32",
-            "--max-steps", "6", "--save-every", "0", "--dropout", "0.1", "--cache-dir", str(tmp_path / "cache"),
-            "--no-progress"]
+            "--eval-batches", "1", "--max-steps", "4", "--save-every", "0", "--dropout", "0.1",
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     assert main(["train", *argv, "--out", str(tmp_path / "a")]) == 0
     full = log_losses(str(tmp_path / "a"))
     batch, calls = data_mod.WindowSampler.batch, []
 
-    def batch_then_ctrl_c(self, first, count):  # Ctrl-C in the middle of step 3
+    def batch_then_ctrl_c(self, first, count):  # Ctrl-C in the middle of step 2
         calls.append(first)
-        if len(calls) == 3:
+        if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return batch(self, first, count)
 
@@ -138,8 +139,8 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
     capsys.readouterr()
     assert main(["train", *argv, "--out", out]) == 130
     err = capsys.readouterr().err
-    assert f"interrupted: saved a checkpoint of step 3 to {os.path.join(out, 'checkpoints', 'step-000003')}" in err
-    assert "--resume" in err and latest_checkpoint(out).endswith("step-000003")
+    assert f"interrupted: saved a checkpoint of step 2 to {os.path.join(out, 'checkpoints', 'step-000002')}" in err
+    assert "--resume" in err and latest_checkpoint(out).endswith("step-000002")
     monkeypatch.setattr(data_mod.WindowSampler, "batch", batch)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     assert main(["train", *argv, "--out", out, "--resume"]) == 0
