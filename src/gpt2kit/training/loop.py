@@ -257,55 +257,53 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
         saved[at_step] = path
         return path
 
-    try:
-        with StopRequest(progress.say, enabled=world == 1) as stop:
-            while step < cfg.max_steps:
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum):
-                    first = samples + micro * cfg.batch_size * world + rank * cfg.batch_size
-                    x, y = sampler.batch(first, cfg.batch_size)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sync = world == 1 or micro == cfg.grad_accum - 1
-                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                        loss = model(x, y) / cfg.grad_accum
-                    loss.backward()
-                    loss_sum += loss.detach()
-                grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                             if cfg.grad_clip > 0 else None)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                samples += per_step
-                tokens_done += per_step * seq_len
-                if world > 1:
-                    torch.distributed.all_reduce(loss_sum)  # gloo has no AVG
-                    loss_sum /= world
-                losses[step] = float(loss_sum)
-                if main and (step % cfg.log_every == 0 or step == cfg.max_steps or step == 1):
-                    elapsed = time.perf_counter() - t0
-                    rec = {"step": step, "loss": losses[step], "lr": lr, "tokens_per_s": round(tokens_done / elapsed, 1),
-                           "elapsed_s": round(elapsed, 2)}
-                    if grad_norm is not None:
-                        rec["grad_norm"] = round(float(grad_norm), 4)
-                    log.write(rec, echo=f"step {step}/{cfg.max_steps}  loss {losses[step]:.4f}  lr {lr:.2e}  "
-                                        f"{rec['tokens_per_s']:.0f} tok/s")
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and can_eval:
-                    t_eval = time.perf_counter()
-                    val = evaluate(loss_fn, val_ids, seq_len, cfg.batch_size, cfg.eval_batches, device, autocast, rank, world)
-                    t0 += time.perf_counter() - t_eval  # throughput counts training time only
-                    log.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))},
-                              echo=f"step {step}  validation loss {val:.4f}  perplexity {math.exp(min(val, 50)):.2f}")
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-                    save(step)
-                progress.step(losses[step])
-                if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.max_steps:
-                    return {"step": step, "losses": losses, "stopped": True}
-                if stop.requested and step < cfg.max_steps:
-                    break
-    finally:
-        progress.close()
+    stop = StopRequest(progress.say, enabled=world == 1)  # Ctrl-C: end at the next step boundary
+    with stop, contextlib.closing(progress):
+        while step < cfg.max_steps:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                first = samples + micro * cfg.batch_size * world + rank * cfg.batch_size
+                x, y = sampler.batch(first, cfg.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                    loss = model(x, y) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            samples += per_step
+            tokens_done += per_step * seq_len
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)  # gloo has no AVG
+                loss_sum /= world
+            losses[step] = float(loss_sum)
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or step == 1):
+                elapsed = time.perf_counter() - t0
+                rec = {"step": step, "loss": losses[step], "lr": lr, "tokens_per_s": round(tokens_done / elapsed, 1),
+                       "elapsed_s": round(elapsed, 2)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = round(float(grad_norm), 4)
+                log.write(rec, echo=f"step {step}/{cfg.max_steps}  loss {losses[step]:.4f}  lr {lr:.2e}  "
+                                    f"{rec['tokens_per_s']:.0f} tok/s")
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and can_eval:
+                t_eval = time.perf_counter()
+                val = evaluate(loss_fn, val_ids, seq_len, cfg.batch_size, cfg.eval_batches, device, autocast, rank, world)
+                t0 += time.perf_counter() - t_eval  # throughput counts training time only
+                log.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))},
+                          echo=f"step {step}  validation loss {val:.4f}  perplexity {math.exp(min(val, 50)):.2f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step)
+            progress.step(losses[step])
+            if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.max_steps:
+                return {"step": step, "losses": losses, "stopped": True}
+            if stop.requested and step < cfg.max_steps:
+                break
     if stop.requested and step < cfg.max_steps:
         path = save(step)
         log.write({"event": "interrupted", "step": step, "checkpoint": os.path.relpath(path, cfg.out_dir)},
