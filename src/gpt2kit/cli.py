@@ -153,7 +153,7 @@ def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
 
     from .auto import AutoModelForCausalLM
     from .tokenizer import AutoTokenizer
-    from .training.default_model import default_model_dir
+    from .default_model import default_model_dir
     from .devices import resolve_device
 
     device = resolve_device(device_name, "--device")
