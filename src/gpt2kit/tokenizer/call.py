@@ -9,7 +9,7 @@ import inspect
 import os
 
 from . import vocab as files
-from .encoding import UNSET_MAX_LENGTH, BatchEncoding, logger, pad_rows, resolve_strategies, truncate
+from .encoding import UNSET_MAX_LENGTH, BatchEncoding, pad_rows, resolve_strategies, truncate
 from ..errors import InvalidArgumentError, InvalidInputError, NotSupportedError
 
 _PAD_ERROR = ("Asking to pad but the tokenizer does not have a padding token. Set one, e.g. "
@@ -235,7 +235,7 @@ def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, cache_dir=
     loaded = files.load_files(label, resolve)
     config = {k: _content(v) for k, v in loaded.config.items() if k in params}
     if default_max is None and "model_max_length" not in kwargs:
-        _fit_to_model(config, files.model_context_length(resolve), label)
+        _fit_to_model(config, files.model_context_length(resolve))
     for key in ("additional_special_tokens", "extra_special_tokens"):
         extra = loaded.config.get(key)
         if isinstance(extra, list) and extra:
@@ -247,20 +247,13 @@ def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, cache_dir=
     return cls(vocab=loaded.vocab, merges=loaded.merges, added_tokens=loaded.added, **config)
 
 
-def _fit_to_model(config: dict, n_positions: int | None, label: str) -> None:
+def _fit_to_model(config: dict, n_positions: int | None) -> None:
     """A tokenizer that lives beside a model truncates to that model's context: without a
     model_max_length in tokenizer_config.json (or with transformers' "unset" value) it takes
-    config.json's n_positions. A model_max_length that is there wins, as in transformers, but one
-    larger than n_positions is reported, since truncating to it gives inputs the model refuses."""
-    if n_positions is None:
-        return
+    config.json's n_positions. A model_max_length that is there wins, as in transformers."""
     given = config.get("model_max_length")
-    if given is None or given >= UNSET_MAX_LENGTH:
+    if n_positions is not None and (given is None or given >= UNSET_MAX_LENGTH):
         config["model_max_length"] = n_positions
-    elif given > n_positions:
-        logger.warning("%s: tokenizer_config.json says model_max_length %d but config.json's n_positions is %d: "
-                       "truncation=True will give inputs longer than the model reads. Pass model_max_length=%d "
-                       "(or fix tokenizer_config.json).", label, given, n_positions, n_positions)
 
 
 def _content(value):
