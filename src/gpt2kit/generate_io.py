@@ -41,15 +41,15 @@ def check_utf8(text: str, what: str) -> None:
     (Python decodes argv with surrogateescape)."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as e:
+    except UnicodeEncodeError:
         try:
             data = text.encode("utf-8", "surrogateescape")  # the bytes as they were given
             data.decode("utf-8")
-        except UnicodeEncodeError:  # a surrogate that stands for no byte (only a Python caller makes one)
+        except UnicodeEncodeError as e:  # a surrogate that stands for no byte (only a Python caller makes one)
             raise InvalidInputError(f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!r} at "
                                     f"character {e.start}{_after(text[:e.start])}. Give UTF-8 text.") from None
-        except UnicodeDecodeError as d:
-            raise _not_utf8(what, data, d) from None
+        except UnicodeDecodeError as e:
+            raise _not_utf8(what, data, e) from None
 
 
 def _not_utf8(what: str, data: bytes, e: UnicodeDecodeError) -> InvalidInputError:
