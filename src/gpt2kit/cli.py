@@ -11,7 +11,6 @@ GPU) end the command with one line on stderr and a non-zero exit status, never a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -123,7 +122,8 @@ def add_generate(sub):
                        description="Continue PROMPT (or standard input) with a GPT-2 model and stream the text as it "
                                    "is generated. Without --model, the small default model bundled with gpt2kit is "
                                    "used, so this works offline.")
-    p.add_argument("prompt", nargs="?", help="the text to continue; read from standard input when omitted or '-'")
+    p.add_argument("prompt", nargs="?", help="the text to continue (UTF-8); read from standard input when omitted or "
+                                             "'-', less one trailing newline (the one echo adds)")
     p.add_argument("--model", "-m", help="a local model directory or a Hugging Face Hub name (e.g. openai-community/gpt2); "
                                          "default: the embedded Shakespeare model")
     p.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate (default 50)")
@@ -143,7 +143,8 @@ def add_generate(sub):
     p.add_argument("--seed", type=nonneg_int, help="random seed, for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text: per sequence "
+                                                       "the text, new_tokens and finish_reason (stop or length)")
     p.set_defaults(run=run_generate)
 
 
@@ -182,14 +183,10 @@ SAMPLING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "typical_p", "mi
 def run_generate(args) -> int:
     import torch
 
-    from .generation import TextStreamer
+    from . import generate_io
     from .utils import set_seed
 
-    prompt = args.prompt
-    if prompt is None or prompt == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise GPT2KitError("No prompt: give it as an argument (gpt2kit generate \"Once upon a time\") or on standard input.")
-        prompt = sys.stdin.read()
+    prompt = generate_io.read_prompt(args.prompt)
     if not prompt:
         raise GPT2KitError("The prompt is empty: give some text to continue.")
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
@@ -210,22 +207,22 @@ def run_generate(args) -> int:
     stream = not args.json and n == 1 and (args.num_beams or 1) == 1
     streamer = None
     if stream:
-        print(prompt, end="", flush=True)
-        streamer = TextStreamer(tok, skip_prompt=True)
+        streamer = generate_io.CommandStreamer(tok, prompt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                         num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    finally:
+        if streamer is not None:  # an error or Ctrl-C mid-stream: its message starts on a line of its own
+            streamer.finish()
     if stream:
         return 0
-    texts = [tok.decode(row[L:], skip_special_tokens=True) for row in out]
+    results = generate_io.sequence_results(out, L, model.generation_config.eos_token_id,
+                                           lambda new: tok.decode(new, skip_special_tokens=True))
     if args.json:
-        print(json.dumps({"model": name, "prompt": prompt, "prompt_tokens": L,
-                          "generated": [{"generated_text": prompt + t, "continuation": t} for t in texts]}))
+        generate_io.print_json(name, prompt, L, results)
     else:
-        for i, t in enumerate(texts):
-            if i:
-                print("\n" + "-" * 40)
-            print(prompt + t)
+        generate_io.print_text(prompt, results)
     return 0
 
 
