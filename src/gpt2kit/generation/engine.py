@@ -149,7 +149,7 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     if max_length > n_pos and length_key not in given and P < n_pos:
         warn_once(f"The model's generation_config sets {length_key}={getattr(cfg, length_key)}, which does not fit "
                   f"its context of n_positions={n_pos} tokens: generating at most n_positions minus the prompt's "
-                  f"length. Pass {length_key}= to choose.", stacklevel=4)
+                  f"length. Pass {length_key}= to choose.", stacklevel=5)
         max_length = n_pos
     if P >= max_length:
         raise InvalidInputError(f"Input length of input_ids is {P}, but `max_length` is set to {max_length}: increase "
