@@ -18,7 +18,7 @@ from .logits import build_processors
 from .outputs import GenerateDecoderOnlyOutput
 from .runner import FastRunner, ModelRunner, fast_path_supported
 from .stopping import StoppingCriteriaList, StopStringCriteria
-from .guards import check_finite_logits, check_generation_fits, nonfinite_logits_error
+from .guards import check_finite_logits, check_generation_fits, nonfinite, nonfinite_logits_error
 from ..errors import ContextLengthError, InvalidInputError, InvalidArgumentError, check_context_length
 from ..utils import warn_once
 
@@ -139,6 +139,8 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
 
     # lengths, checked before any work
     n_pos = model.config.n_positions
+    if given == ["max_length"]:  # the caller's max_length, not the model's default max_new_tokens, decides
+        cfg.max_new_tokens = None
     length_key = "max_new_tokens" if cfg.max_new_tokens is not None else "max_length"
     if cfg.max_new_tokens is not None:
         max_length = P + cfg.max_new_tokens
@@ -260,7 +262,7 @@ def sample_or_greedy(model, plan: Plan):
         if check_now:
             check_finite_logits(raw, cur - P + 1, model.dtype)
         else:
-            bad = ~torch.isfinite(raw).all()
+            bad = nonfinite(raw)
             first_bad = torch.where(bad & (first_bad == 0), cur - P + 1, first_bad)
             raw = raw.masked_fill(bad, 0.0)  # keeps sampling valid until the flag is read; the result is refused
         scores = plan.processors(seq[:, :cur], raw.clone() if want_logits else raw) if plan.processors else raw
