@@ -19,7 +19,8 @@ from .outputs import GenerateDecoderOnlyOutput
 from . import runner as runners
 from .stopping import StoppingCriteriaList, StopStringCriteria
 from .guards import check_finite_logits, check_generation_fits, nonfinite, nonfinite_logits_error
-from ..errors import ContextLengthError, InvalidInputError, InvalidArgumentError, check_context_length
+from ..errors import ContextLengthError, InvalidArgumentError, InvalidInputError, check_context_length
+from ..model.cache import Cache, StaticCache
 from ..utils import warn_once
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs")
@@ -40,6 +41,8 @@ class Plan:
     criteria: StoppingCriteriaList
     generator: torch.Generator | None
     streamer: object
+    cache: object = None  # a cache the caller passed, holding the first `past` positions of input_ids
+    past: int = 0
 
 
 def generation_config_of(model) -> GenerationConfig:
@@ -82,11 +85,15 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
         raise InvalidInputError("Pass the prompt once: either as the first argument (inputs) or as input_ids=.")
     input_ids = inputs if inputs is not None else input_ids
     attention_mask = extra.pop("attention_mask", None)
-    for key in ("past_key_values", "cache", "inputs_embeds"):
-        if extra.get(key) is not None:
-            raise InvalidInputError(f"generate() does not take {key}: pass the whole prompt as input_ids; the engine builds "
-                             "its own cache (choose it with cache_implementation='static' or 'dynamic').")
-        extra.pop(key, None)
+    cache = extra.pop("past_key_values", None)
+    if extra.get("cache") is not None:
+        if cache is not None:
+            raise InvalidInputError("Pass the cache once: past_key_values= or cache=, not both.")
+        cache = extra.pop("cache")
+    extra.pop("cache", None)
+    if extra.get("inputs_embeds") is not None:
+        raise InvalidInputError("generate() does not take inputs_embeds: pass the prompt as input_ids.")
+    extra.pop("inputs_embeds", None)
     extra.pop("use_cache", None)
     for key in ("output_attentions", "output_hidden_states"):
         if getattr(cfg, key):
@@ -170,7 +177,11 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
         padding_lengths = (attention_mask != 0).int().argmax(1)
     expand = max(cfg.num_beams, cfg.num_return_sequences)
     check_generation_fits(model, B * expand, B, P, max_length, cfg)
+    past = _check_prefix_cache(cache, B, P, max_length, model.config) if cache is not None else 0
     if expand > 1:
+        if cache is not None:  # every beam / returned sequence continues from its row's cached prefix
+            rows = torch.arange(B, device=device).repeat_interleave(expand)
+            cache.select_rows(rows) if isinstance(cache, StaticCache) else cache.reorder_cache(rows)
         input_ids = input_ids.repeat_interleave(expand, 0)
         position_ids = position_ids.repeat_interleave(expand, 0)
         attention_mask = attention_mask.repeat_interleave(expand, 0) if attention_mask is not None else None
@@ -184,7 +195,29 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     if generator is None and cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     return Plan(cfg, input_ids, attention_mask, position_ids, eos.to(device) if eos is not None else None, pad,
-                max_length, processors, criteria, generator, streamer)
+                max_length, processors, criteria, generator, streamer, cache, past)
+
+
+def _check_prefix_cache(cache, B: int, P: int, max_length: int, config) -> int:
+    """A cache passed to generate() must hold a prefix of every row of input_ids (as in transformers, which
+    then reads only the tokens after it); returns its length."""
+    if not isinstance(cache, Cache):
+        if isinstance(cache, (tuple, list)):
+            raise InvalidArgumentError("generate() takes a DynamicCache or StaticCache as past_key_values; convert a "
+                                       "legacy tuple with DynamicCache.from_legacy_cache(past).")
+        raise InvalidArgumentError(f"past_key_values must be a DynamicCache or StaticCache, got {type(cache).__name__}.")
+    past = cache.get_seq_length()
+    if past >= P:
+        raise InvalidInputError(f"The cache already holds {past} positions but the prompt has {P} tokens: pass "
+                                "input_ids that extend what the cache holds by at least one token.")
+    rows = cache.max_batch_size if isinstance(cache, StaticCache) else (
+        cache.layers[0][0].shape[0] if past else B)
+    if rows != B:
+        raise InvalidInputError(f"The cache holds {rows} rows but input_ids has {B}: they must match.")
+    if isinstance(cache, StaticCache) and cache.max_cache_len < max_length:
+        raise ContextLengthError(f"The StaticCache holds {cache.max_cache_len} positions, but this generation needs "
+                                 f"{max_length}: build it with max_cache_len >= {max_length} or ask for fewer tokens.")
+    return past
 
 
 @torch.no_grad()
