@@ -163,7 +163,7 @@ def test_user_errors_give_one_line_and_a_nonzero_exit(tiny_model, tmp_path, caps
     latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
     cases = [
         (["generate", "word " * 30, "--model", tiny_model], "Shorten the prompt"),  # 30 tokens > n_positions 24
-        (["generate", "word " * 10, "--model", tiny_model, "--max-new-tokens", "20"], "exceeds this model's 24-token context"),
+        (["generate", "word " * 10, "--model", tiny_model, "--max-new-tokens", "20"], "beyond this model's n_positions=24"),
         (["generate", "hi", "--model", tiny_model, "--device", "cuda:7"], "cuda"),
         (["generate", "hi", "--model", str(tmp_path / "missing")], "does not exist"),
         (["eval", str(tmp_path / "missing.txt"), "--model", tiny_model], "does not exist"),
@@ -287,3 +287,11 @@ def test_eval_shows_a_progress_bar_on_a_terminal(tiny_model, tmp_path, monkeypat
     assert any(s.startswith("tokenizing t.txt: 100%") for s in shown)
     code, _, _ = run(["eval", str(text), "--model", tiny_model, "--no-progress"], capsys)
     assert code == 0
+
+
+def test_the_default_length_fits_the_context_and_an_explicit_one_stays_strict(tiny_model, capsys):
+    code, out, err = run(["generate", "word " * 10, "--model", tiny_model, "--greedy", "--json"], capsys)
+    assert code == 0 and "generating at most 13 tokens" in err  # 11 prompt tokens of a 24-token context
+    assert json.loads(out)["generated"][0]["new_tokens"] <= 13
+    code, _, err = run(["generate", "word " * 10, "--model", tiny_model, "--max-new-tokens", "14"], capsys)
+    assert code == 1 and "at most 13 new tokens" in err and len(err.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ from .allocator import keep_freed_memory_for_reuse
 from .errors import GPT2KitError
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
+DEFAULT_MAX_NEW_TOKENS = 50
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -161,8 +162,9 @@ def add_generate(sub):
                                              "'-', less one trailing newline (the one echo adds)")
     p.add_argument("--model", "-m", help="a local model directory or a Hugging Face Hub name (e.g. openai-community/gpt2); "
                                          "default: the embedded Shakespeare model")
-    p.add_argument("--max-new-tokens", type=generation_value("max_new_tokens", int), default=50,
-                   help="tokens to generate (default 50)")
+    p.add_argument("--max-new-tokens", type=generation_value("max_new_tokens", int), default=None,
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, or fewer where the model's context "
+                        "ends sooner)")
     p.add_argument("--num-return-sequences", "-n", type=generation_value("num_return_sequences", int), default=1,
                    help="continuations to generate (default 1; more than 1 samples, or returns the best beams)")
     mode = p.add_mutually_exclusive_group()
@@ -240,12 +242,13 @@ def run_generate(args) -> int:
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
     n_pos, L = model.config.n_positions, ids.shape[1]
-    if L >= n_pos:
-        raise GPT2KitError(f"The prompt is {L} tokens long, but this model reads at most {n_pos} tokens, including the ones "
-                        f"it generates. Shorten the prompt to under {n_pos} tokens.")
-    if L + args.max_new_tokens > n_pos:
-        raise GPT2KitError(f"The prompt ({L} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds this model's "
-                        f"{n_pos}-token context: use --max-new-tokens {n_pos - L} or less, or a shorter prompt.")
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default fits the model's context; a value the user gave stays strict (engine)
+        max_new = DEFAULT_MAX_NEW_TOKENS
+        if 0 < n_pos - L < max_new:
+            max_new = n_pos - L
+            print(f"note: generating at most {max_new} tokens: the prompt ({L} tokens) leaves no more room in this "
+                  f"model's {n_pos}-token context (--max-new-tokens to choose)", file=sys.stderr)
     if args.seed is not None:
         set_seed(args.seed)
     kwargs = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
@@ -258,7 +261,7 @@ def run_generate(args) -> int:
         streamer = generate_io.CommandStreamer(tok, prompt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
     try:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                              num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
     finally:
         if streamer is not None:  # an error or Ctrl-C mid-stream: its message starts on a line of its own
