@@ -6,7 +6,7 @@ import os
 import torch
 
 from gpt2kit import AutoModelForCausalLM, AutoTokenizer
-from gpt2kit.training.default_model import default_model_dir
+from gpt2kit.default_model import default_model_dir
 from gpt2kit.training.loop import train
 from gpt2kit.training.settings import TrainConfig
 
