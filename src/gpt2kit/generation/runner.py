@@ -149,6 +149,8 @@ class FastRunner(_RunnerBase):
         self.eager = cfg._attn_implementation == "eager" or cfg.reorder_and_upcast_attn
         dev, dtype = model.device, model.dtype
         self.onednn = dev.type == "cpu" and dtype == torch.float32 and onednn.linear_available()
+        # quantized projections (gpt2kit.quantization) run their own kernels: every product through proj(x)
+        self.onednn = self.onednn and all(isinstance(p, Projection) for p in _projections(model))
         # every product through oneDNN-packed weights where they can be had (see packed_weights)
         self.packed = packed_weights(model, rows_hint=pack_rows_hint(dtype, batch))
         self.head_t = head_weight_t(model) if self.packed is None else None

@@ -193,7 +193,7 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
 
 def quantize_int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bitsandbytes' Int8Params quantization: (CB int8 [N, K], SCB float32 [N]) of the float16-cast weight."""
-    w = weight.detach().to(torch.float16)
+    w = weight.detach().to(torch.float16).contiguous()
     scb = w.abs().amax(dim=1).float()  # (N,)
     cb = torch.round(w * (127.0 / scb[:, None])).to(torch.int8)
     return cb, scb
