@@ -24,8 +24,11 @@ def resolve(quantization_config, config):
     if quantization_config is not None and not isinstance(quantization_config, (BitsAndBytesConfig, TorchAoConfig, dict)):
         raise InvalidArgumentError("quantization_config must be a BitsAndBytesConfig, a TorchAoConfig or its dict; got "
                                    f"{type(quantization_config).__name__}.")
-    if isinstance(quantization_config, dict):
-        quantization_config = from_config_dict(quantization_config)
+    if isinstance(quantization_config, dict):  # a dict of BitsAndBytesConfig fields may leave out quant_method
+        block = quantization_config
+        if "quant_method" not in block and ("load_in_4bit" in block or "load_in_8bit" in block):
+            block = {**block, "quant_method": BitsAndBytesConfig.quant_method}
+        quantization_config = from_config_dict(block)
     if stored is not None:
         stored = from_config_dict(stored) if isinstance(stored, dict) else stored
         if quantization_config is not None and quantization_config != stored:
