@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .outputs import GenerateBeamDecoderOnlyOutput
+from . import runner as runners
 
 NEG = -1.0e9
 
@@ -22,8 +23,6 @@ def _gather(t, idx):  # t: (B, K, ...), idx: (B, J) -> (B, J, ...)
 
 
 def beam_search(model, plan):
-    from .engine import make_runner
-
     cfg = plan.cfg
     K = cfg.num_beams
     ids = plan.input_ids  # (B*K, P)
@@ -53,7 +52,7 @@ def beam_search(model, plan):
     beam_idx = run_bi.clone()
     offsets = torch.arange(B, device=device)[:, None] * K
 
-    runner = make_runner(model, plan)
+    runner = runners.make_runner(model, plan)
     positions = plan.position_ids[:, -1] + 1
     logits = runner.prefill(ids, plan.attention_mask, plan.position_ids)
     cur = P
@@ -114,7 +113,7 @@ def beam_search(model, plan):
         go_on = bool(improvable.any()) and not (early is True and bool(finished.all())) and not bool(hits.all())
         if not go_on:
             break
-        runner.select(run_bi[:, :, cur - 1 - P].reshape(BK))
+        runner.reorder(run_bi[:, :, cur - 1 - P].reshape(BK))
         logits = runner.step(run_seq[:, :, cur - 1].reshape(BK), positions)
         positions = positions + 1
 

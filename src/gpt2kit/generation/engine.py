@@ -16,7 +16,7 @@ import torch
 from .config import GenerationConfig
 from .logits import build_processors
 from .outputs import GenerateDecoderOnlyOutput
-from .runner import FastRunner, ModelRunner, fast_path_supported
+from . import runner as runners
 from .stopping import StoppingCriteriaList, StopStringCriteria
 from ..errors import InvalidInputError, InvalidArgumentError
 
@@ -173,18 +173,6 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
                 max_length, processors, criteria, generator, streamer)
 
 
-def make_runner(model, plan: Plan):
-    B = plan.input_ids.shape[0]
-    impl = plan.cfg.cache_implementation
-    if impl == "dynamic" or not fast_path_supported(model):
-        return ModelRunner(model, B, plan.max_length, plan.attention_mask, static=impl == "static")
-    if model.device.type == "cuda":  # fixed shapes, the decode step replayed from a CUDA graph
-        from .graphs import GraphRunner
-
-        return GraphRunner(model, B, plan.max_length, plan.attention_mask)
-    return FastRunner(model, B, plan.max_length, plan.attention_mask)
-
-
 @torch.no_grad()
 def generate(model, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
              streamer=None, tokenizer=None, generator=None, **kwargs):
@@ -220,7 +208,7 @@ def sample_or_greedy(model, plan: Plan):
     want_scores = cfg.return_dict_in_generate and cfg.output_scores
     want_logits = cfg.return_dict_in_generate and cfg.output_logits
     scores_out, logits_out = [], []
-    runner = make_runner(model, plan)
+    runner = runners.make_runner(model, plan)
     # finished rows may leave the batch unless someone needs every row at every step
     can_drop = not (want_scores or want_logits or plan.criteria or plan.streamer is not None
                     or getattr(runner, "fixed_batch", False))
@@ -276,7 +264,7 @@ def sample_or_greedy(model, plan: Plan):
                 break
             if can_drop and n_left < unfinished.numel():
                 keep = unfinished.nonzero().squeeze(1)
-                runner.select(keep)
+                runner.keep_rows(keep)
                 seq, rows, unfinished, positions = seq[keep], rows[keep], unfinished[keep], positions[keep]
                 for p in plan.processors:
                     if hasattr(p, "select_rows"):
