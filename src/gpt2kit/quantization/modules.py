@@ -22,20 +22,12 @@ from torch import nn
 
 from . import formats as Q
 from . import native
-from ..model.layers import ACTIVATIONS, ONEDNN_ACTIVATIONS_INV
+from ..model.linear import apply_activation
 
 logger = logging.getLogger("gpt2kit.quantization")
 
 SMALL_BATCH = 16  # rows up to which the fused kernels run (kernels.c MAX_M)
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
-
-
-def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """The config's activation_function by name (oneDNN's names 'gelu_tanh'/'gelu_erf' are accepted too)."""
-    if activation is None or activation == "none":
-        return y
-    name = ONEDNN_ACTIVATIONS_INV.get(activation, activation)
-    return ACTIVATIONS[name](y)
 
 
 class QuantizedProjection(nn.Module):
@@ -62,7 +54,7 @@ class QuantizedProjection(nn.Module):
             bias = self.bias.to(dtype) if self.bias is not None else None
             y = torch.nn.functional.linear(x2.to(dtype), w, bias)
             self.last_kernel = "dequantize"
-        return apply_activation(y.to(x.dtype), activation).view(shape)
+        return apply_activation(y.to(x.dtype), activation).view(shape)  # activation: a config activation_function
 
     def _bias32(self):
         return None if self.bias is None else self.bias.float()
