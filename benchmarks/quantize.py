@@ -11,6 +11,8 @@ read (the block matrices in the mode's format plus the float32 LM head) over tha
 
     python benchmarks/quantize.py                      # both shapes, all cases; writes quantize.json
     python benchmarks/quantize.py --sizes small --runs 3
+    python benchmarks/quantize.py --kernels xl         # only the four block products of one GPT-2 XL block,
+                                                       # per mode, batch 1 and 8 (no checkpoint, seconds)
 """
 from __future__ import annotations
 
@@ -130,6 +132,41 @@ def bandwidth_gb_s():
     return w.numel() * 4 / min(times) / 1e9
 
 
+def kernels(size, repeats=30):
+    """Median time of one block's four products (c_attn, attn c_proj, c_fc, mlp c_proj) per mode, x n_layer."""
+    from gpt2kit.quantization.config import config_for
+    from gpt2kit.quantization.replace import from_float
+
+    cfg = SIZES[size]
+    C = cfg["n_embd"]
+    shapes = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # Conv1D [in, out]
+    torch.manual_seed(0)
+    weights = [(torch.randn(i, o) * 0.02, torch.zeros(o)) for i, o in shapes]
+    out = {}
+    for mode in ("fp32", "nf4", "fp4", "int8", "int4"):
+        if mode == "fp32":
+            fns = [lambda x, w=w, b=b: torch.addmm(b, x, w) for w, b in weights]
+        else:
+            mods = [from_float(w, b, config_for(mode)) for w, b in weights]
+            fns = [lambda x, m=m: m(x) for m in mods]
+        for batch in (1, 8):
+            xs = [torch.randn(batch, i) for i, _ in shapes]
+            for f, x in zip(fns, xs):
+                f(x)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                for f, x in zip(fns, xs):
+                    f(x)
+                times.append(time.perf_counter() - t)
+            out[f"{mode}_b{batch}_ms_per_token"] = statistics.median(times) * 1e3 * cfg["n_layer"]
+    for batch in (1, 8):
+        print(f"{size} block products x {cfg['n_layer']} layers, batch {batch}: " + ", ".join(
+            f"{m} {out[f'{m}_b{batch}_ms_per_token']:.1f} ms ({out[f'fp32_b{batch}_ms_per_token'] / out[f'{m}_b{batch}_ms_per_token']:.2f}x fp32)"
+            for m in ("fp32", "nf4", "fp4", "int8", "int4")))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="small,xl")
@@ -139,10 +176,17 @@ def main():
     ap.add_argument("--root", default="/tmp/gpt2kit-bench-quantize", help="where the float32 checkpoints are written")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per case")
     ap.add_argument("--out", default=os.path.join(HERE, "quantize.json"))
+    ap.add_argument("--kernels", help="time only the block products of this size (small or xl)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(json.loads(args.child))
+    if args.kernels:
+        from gpt2kit.quantization import native
+
+        print(json.dumps(dict(instruction_set=native.instruction_set(), threads=torch.get_num_threads(),
+                              load_average=os.getloadavg())))
+        return kernels(args.kernels)
 
     from gpt2kit.quantization import native
 

@@ -21,7 +21,8 @@
 
 /* x (M, K) -> its even and odd columns, so a byte's high/low nibbles meet their inputs lane by lane */
 static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx) {
-    float *buf = (float *)aligned_alloc(64, (size_t)(M * K * sizeof(float) + 64));
+    const size_t bytes = ((size_t)(M * K) * sizeof(float) + 63) / 64 * 64;  /* aligned_alloc: a multiple of 64 */
+    float *buf = (float *)aligned_alloc(64, bytes);
     for (int64_t m = 0; m < M; m++) {
         float *even = buf + m * K, *odd = even + K / 2;
         const float *row = x + m * ldx;
