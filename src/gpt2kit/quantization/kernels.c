@@ -9,6 +9,8 @@
  * codes at a time.
  * int8: rows of K int8 values and one scale per row.
  *
+ * Rows are handed out 16 at a time (dynamic schedule): on a shared machine a descheduled thread does not
+ * hold the others up at the end of the loop.
  * Built at run time by native.py with the system C compiler for this CPU (-march=native); torch's own
  * OpenMP runtime runs the threads (the soname is already loaded when this library is opened).
  */
@@ -67,7 +69,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
     float *xs = deinterleave(x, M, K, ldx);
     const __m512 table0 = _mm512_loadu_ps(code);
     const int64_t blocks = K / bs, half = K / 2;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; n++) {
         const float b0 = bias ? bias[n] : 0.0f;
         const uint8_t *row = w + n * half;
@@ -94,7 +96,7 @@ int gpt2kit_lut4_dequant(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, co
     const __m512i idx_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i idx_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     const int64_t blocks = K / bs, half = K / 2;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * half;
         float *dst = out + (n - n0) * K;
@@ -134,7 +136,7 @@ static inline __attribute__((always_inline)) void int8_row(const float *x, int64
 int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, int64_t N,
                     const float *scale, const float *bias, float *y, int64_t ldy) {
     if (M < 1 || M > MAX_M || K % 32 || N < 1) return -1;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; n++) {
         const float s = scale[n], b0 = bias ? bias[n] : 0.0f;
         const int8_t *row = w + n * K;
