@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"small": dict(n_layer=12, n_embd=768, n_head=12), "xl": dict(n_layer=48, n_embd=1600, n_head=25)}
 CASES = [("gpt2kit", "fp32"), ("gpt2kit", "nf4"), ("gpt2kit", "fp4"), ("gpt2kit", "int8"), ("gpt2kit", "int4"),
          ("transformers+bnb", "nf4"), ("transformers+bnb", "int8")]
-BYTES_PER_WEIGHT = {"fp32": 4.0, "nf4": 0.5 + 4 / 64 + 1 / 64, "fp4": 0.5 + 4 / 64 + 1 / 64, "int8": 1.0,
-                    "int4": 0.5 + 8 / 32}  # codes + per-block scales read by a decode step
+BYTES_PER_WEIGHT = {"fp32": 4.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0,
+                    "int4": 0.5 + 8 / 32}  # codes + the float32 per-block scales (and zeros) a decode step reads
 
 
 def rss_status():
