@@ -196,7 +196,8 @@ def add_generate(sub):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text: per sequence "
                                                        "the text, new_tokens and finish_reason (stop or length)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the projections while loading: nf4 / fp4 "
-                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32)")
+                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32); "
+                   "default: none, the weights stay float")
     p.set_defaults(run=lambda args: run_generate(check_generate_flags(args, p)))
 
 
@@ -389,7 +390,8 @@ def add_eval(sub):
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they show only on a terminal)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the projections while loading: nf4 / fp4 "
-                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32)")
+                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32); "
+                   "default: none, the weights stay float")
     p.set_defaults(run=run_eval)
 
 
