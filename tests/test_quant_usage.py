@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from gpt2kit import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, StaticCache
-from gpt2kit.cli import main
 from gpt2kit.quantization import BitsAndBytesConfig, TorchAoConfig
 from gpt2kit.quantization.modules import Linear4bit
 from gpt2kit.quantization.replace import quantized_modules
+from test_cli import run  # `gpt2kit ARGV` in this process: (exit status, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +79,6 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
         assert kernels <= {"fused-lut4", "fused-int8"} and kernels
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                        ref.generate(ids, max_new_tokens=8, do_sample=False))
-
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_quantize_flag(gpt2_small_shaped, tmp_path, capsys):
