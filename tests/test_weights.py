@@ -206,8 +206,9 @@ def test_dtype_device_map_attn_and_overrides(lm, tmp_path):
         GPT2LMHeadModel.from_pretrained(d, dtype="int8")
     with pytest.raises(TypeError, match="no_such_option"):
         GPT2LMHeadModel.from_pretrained(d, no_such_option=True)
-    with pytest.raises(NotImplementedError, match="quantization_config"):
-        GPT2LMHeadModel.from_pretrained(d, quantization_config={"load_in_8bit": True})
+    with pytest.raises(TypeError, match="quantization_config must be"):
+        GPT2LMHeadModel.from_pretrained(d, quantization_config="int8")
+    assert GPT2LMHeadModel.from_pretrained(d, quantization_config={"load_in_8bit": True}).is_loaded_in_8bit
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA.*Use 'cpu'"):
             GPT2LMHeadModel.from_pretrained(d, device_map="cuda")

@@ -43,6 +43,8 @@ _EXPORTS = {
     "pipeline": "gpt2kit.pipelines",
     "TextGenerationPipeline": "gpt2kit.pipelines",
     "set_seed": "gpt2kit.utils",
+    "BitsAndBytesConfig": "gpt2kit.quantization",
+    "TorchAoConfig": "gpt2kit.quantization",
 }
 
 __all__ = sorted(_EXPORTS)

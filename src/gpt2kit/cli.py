@@ -195,11 +195,18 @@ def add_generate(sub):
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text: per sequence "
                                                        "the text, new_tokens and finish_reason (stop or length)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the projections while loading: nf4 / fp4 "
+                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32); "
+                   "default: none, the weights stay float")
     p.set_defaults(run=lambda args: run_generate(check_generate_flags(args, p)))
 
 
-def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
-    """(model, tokenizer, name) for --model (None: the embedded default), on --device in --dtype."""
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "int4")  # gpt2kit.quantization.config.SHORT_NAMES
+
+
+def load_model_and_tokenizer(name, device_name: str, dtype_name: str, quantize: str | None = None):
+    """(model, tokenizer, name) for --model (None: the embedded default), on --device in --dtype, its
+    projections quantized while loading when --quantize names a format."""
     import torch
 
     from .auto import AutoModelForCausalLM
@@ -218,7 +225,12 @@ def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
     source = default_model_dir() if name is None else name
     if name is not None and os.path.exists(name) and not os.path.isdir(name):
         raise GPT2KitError(f"--model {name!r} is a file; pass the directory that holds config.json and the weights.")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    qconfig = None
+    if quantize is not None:
+        from .quantization.config import config_for
+
+        qconfig = config_for(quantize)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=qconfig).to(device)
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):  # a model directory without tokenizer files: GPT-2's own vocabulary
@@ -239,7 +251,7 @@ def run_generate(args) -> int:
     prompt = generate_io.read_prompt(args.prompt)
     if not prompt:
         raise GPT2KitError("The prompt is empty: give some text to continue.")
-    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize)
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
     n_pos, L = model.config.n_positions, ids.shape[1]
     max_new = args.max_new_tokens
@@ -377,6 +389,9 @@ def add_eval(sub):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they show only on a terminal)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the projections while loading: nf4 / fp4 "
+                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32); "
+                   "default: none, the weights stay float")
     p.set_defaults(run=run_eval)
 
 

@@ -133,6 +133,14 @@ class GPT2PreTrainedModel(nn.Module):
             total += p.numel()
         return total
 
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by the parameters (shared ones once) and, by default, the buffers (quantized weights
+        are buffers), as transformers counts them."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        if return_buffers:
+            total += sum(b.numel() * b.element_size() for b in self.buffers())
+        return total
+
     def can_generate(self) -> bool:
         return hasattr(self, "lm_head")
 

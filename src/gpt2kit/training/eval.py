@@ -87,7 +87,7 @@ def eval_command(args) -> int:
 
     data = read_text(args.file)
     start = split_point(data, 1.0 - args.val_fraction) if args.val_fraction else 0
-    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize)
     ids = open_tokens(tokenize_to_cache(args.file, tok, start=start, end=len(data), progress=args.progress, data=data))
     result = report(model, ids, len(data) - start, args.max_length, args.stride, args.batch_size, args.progress)
     result.update(model=name, file=args.file, byte_range=[start, len(data)])

@@ -19,6 +19,7 @@ from ..config import GPT2Config
 from ..devices import resolve_device
 from ..utils import atomic_write_text
 from . import formats
+from ..quantization import loading as quant_loading
 from .hub import ModelNotFoundError, resolve_file
 from .keymap import check_plan, plan_load, to_file_layout, to_model_layout
 from ..errors import InvalidArgumentError, InvalidInputError, NotSupportedError
@@ -103,9 +104,6 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
     dtype None/'auto' keeps the checkpoint's dtype (config dtype, else the tensors'), as transformers 5 does.
     `low_cpu_mem_usage` is accepted for compatibility: loading is always low-memory.
     """
-    if quantization_config is not None:
-        raise NotSupportedError("quantization_config (4/8-bit loading) is not implemented in gpt2kit yet; load without "
-                                  "it, in float32/bfloat16/float16 via dtype=.")
     hub_kwargs = dict(cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token,
                       subfolder=subfolder)
     config = _load_config(cls, name_or_path, config, config_overrides, hub_kwargs)
@@ -116,6 +114,12 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
     device = resolve_device(device_map, "device_map")
 
     where, state = _find_weights(name_or_path, use_safetensors, hub_kwargs)
+    qconfig, prequantized = quant_loading.resolve(quantization_config, config)
+    quant = None
+    if qconfig is not None:  # pre-quantized entries leave `state` here; the rest loads as usual
+        with torch.device("meta"), _skip_init():
+            names = [n for n, _ in cls(config.copy(), *model_args).named_modules()]
+        quant = quant_loading.QuantizedLoad(qconfig, prequantized, state, names)
     if target_dtype is None:  # 'auto': the stored dtype
         target_dtype = parse_dtype(config.dtype) if config.dtype is not None else next(
             (t.dtype for t in state.values() if t.is_floating_point()), torch.get_default_dtype())
@@ -125,7 +129,8 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
         model = cls(config, *model_args)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tie = bool(config.tie_word_embeddings) and model.get_output_embeddings() is not None
-    plan = plan_load({k: tuple(v.shape) for k, v in state.items()}, model_shapes, prefix=cls.base_model_prefix,
+    ckpt_shapes = quant.checkpoint_shapes(state) if quant else {k: tuple(v.shape) for k, v in state.items()}
+    plan = plan_load(ckpt_shapes, model_shapes, prefix=cls.base_model_prefix,
                      head_prefixes=getattr(cls, "_head_prefixes", ()),
                      tied_keys=tuple(getattr(cls, "_tied_weights_keys", ())) if tie else ())
     check_plan(plan, where, cls.__name__, tie)
@@ -138,6 +143,10 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
 
     weights = {}
     for name, target in plan.rename.items():
+        # quantized modules are built here, one weight at a time (streaming: see quantization/loading.py)
+        if quant and quant.take(name, target, lambda n: to_model_layout(n, state[n]) if n in state else None,
+                                target_dtype):
+            continue
         t = to_model_layout(target, state[name])
         if t.is_floating_point() and t.dtype != target_dtype or t.device != device:
             t = t.to(device=device, dtype=target_dtype if t.is_floating_point() else t.dtype)
@@ -148,6 +157,8 @@ def load_pretrained(cls, name_or_path, *model_args, config=None, cache_dir=None,
         _init_fresh(model, plan.fresh, weights, device, target_dtype)
         logger.warning("%s: newly initialised %s (not in the checkpoint %s); train this head before use.",
                        cls.__name__, sorted(plan.fresh), where)
+    if quant:
+        quant.install(model, device)
     model.tie_weights()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:  # a buffer built in __init__ on meta, for instance: a bug in the model class, not the file
@@ -238,6 +249,13 @@ def save_pretrained(model, save_directory, *, is_main_process=True, state_dict=N
         raise InvalidInputError(f"save_pretrained needs a directory, but {save_directory!r} is a file.")
     if not is_main_process:
         return
+    if state_dict is None:
+        state_dict = model.state_dict()
+        if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+            for key in getattr(model, "_tied_weights_keys", ()):  # tied from wte on load, as transformers omits it
+                state_dict.pop(key, None)
+    # quantized modules as transformers + bitsandbytes store them (checked before anything is written)
+    state_dict = quant_loading.checkpoint_state(model, {k: to_file_layout(k, v) for k, v in state_dict.items()})
     os.makedirs(save_directory, exist_ok=True)
 
     config = model.config.copy()
@@ -245,13 +263,6 @@ def save_pretrained(model, save_directory, *, is_main_process=True, state_dict=N
     config.dtype = model.dtype
     config.save_pretrained(save_directory)
     _save_generation_config(model, save_directory)
-
-    if state_dict is None:
-        state_dict = model.state_dict()
-        if model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
-            for key in getattr(model, "_tied_weights_keys", ()):  # tied from wte on load, as transformers omits it
-                state_dict.pop(key, None)
-    state_dict = {k: to_file_layout(k, v) for k, v in state_dict.items()}
     formats.write_weights(state_dict, save_directory, safe=safe_serialization, max_shard_size=max_shard_size)
 
 

@@ -1,0 +1,155 @@
+/* gpt2kit's CPU kernels for quantized projections: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), W decoded on the
+ * fly from its quantized form, never materialised. For decode and small batches (M <= 16), where a product
+ * is bound by reading W from memory: 4-bit weights are read as 0.5 byte each, int8 as 1 byte.
+ *
+ * 4-bit ("lut4"): two codes per byte, first in the high nibble, rows of K/2 bytes (bitsandbytes' layout);
+ * every block of `bs` consecutive inputs has its own 16-entry table, table[c] = code[c] * scale + zero:
+ * NF4/FP4 pass their code values with scale = the block's absmax, zero = 0; affine int4 passes code = c - 8
+ * with its group's scale and zero. The table lives in one AVX-512 register and one vpermps looks up 16
+ * codes at a time.
+ * int8: rows of K int8 values and one scale per row.
+ *
+ * Rows are handed out 16 at a time (dynamic schedule): on a shared machine a descheduled thread does not
+ * hold the others up at the end of the loop.
+ * Built at run time by native.py with the system C compiler for this CPU (-march=native); torch's own
+ * OpenMP runtime runs the threads (the soname is already loaded when this library is opened).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_M 16
+
+/* x (M, K) -> its even and odd columns, so a byte's high/low nibbles meet their inputs lane by lane */
+static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx) {
+    const size_t bytes = ((size_t)(M * K) * sizeof(float) + 63) / 64 * 64;  /* aligned_alloc: a multiple of 64 */
+    float *buf = (float *)aligned_alloc(64, bytes);
+    for (int64_t m = 0; m < M; m++) {
+        float *even = buf + m * K, *odd = even + K / 2;
+        const float *row = x + m * ldx;
+        for (int64_t j = 0; j < K / 2; j++) {
+            even[j] = row[2 * j];
+            odd[j] = row[2 * j + 1];
+        }
+    }
+    return buf;
+}
+
+/* one output row n for MM inputs (MM a compile-time constant, so the accumulators stay in registers; two
+ * per input row, for the high and low nibbles, to keep two FMA chains in flight) */
+static inline __attribute__((always_inline)) void lut4_row(const float *xs, int64_t K, const uint8_t *row,
+                                                           const __m512 table0, const float *scale, const float *zero,
+                                                           int64_t g0, int64_t bs, float b0, float *y, int64_t ldy,
+                                                           const int MM) {
+    __m512 acc_hi[MAX_M], acc_lo[MAX_M];
+    for (int m = 0; m < MM; m++) acc_hi[m] = acc_lo[m] = _mm512_setzero_ps();
+    const int64_t half = K / 2, blocks = K / bs;
+    const __m512i low4 = _mm512_set1_epi32(15);
+    for (int64_t b = 0; b < blocks; b++) {
+        const __m512 table = zero ? _mm512_fmadd_ps(table0, _mm512_set1_ps(scale[g0 + b]), _mm512_set1_ps(zero[g0 + b]))
+                                  : _mm512_mul_ps(table0, _mm512_set1_ps(scale[g0 + b]));
+        for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {  /* 16 bytes = 32 weights */
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
+            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+            const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table);
+            for (int m = 0; m < MM; m++) {
+                acc_hi[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs + m * K + j), acc_hi[m]);
+                acc_lo[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xs + m * K + half + j), acc_lo[m]);
+            }
+        }
+    }
+    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[m], acc_lo[m])) + b0;
+}
+
+int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
+                    const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
+                    float *y, int64_t ldy) {
+    if (M < 1 || M > MAX_M || K % bs || bs % 32 || N < 1) return -1;
+    float *xs = deinterleave(x, M, K, ldx);
+    const __m512 table0 = _mm512_loadu_ps(code);
+    const int64_t blocks = K / bs, half = K / 2;
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t n = 0; n < N; n++) {
+        const float b0 = bias ? bias[n] : 0.0f;
+        const uint8_t *row = w + n * half;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {  /* input rows 4 at a time: registers for 8 accumulators */
+            const float *xm = xs + m0 * K;
+            float *ym = y + m0 * ldy + n;
+            switch (M - m0 >= 4 ? 4 : M - m0) {
+                case 1: lut4_row(xm, K, row, table0, scale, zero, n * blocks, bs, b0, ym, ldy, 1); break;
+                case 2: lut4_row(xm, K, row, table0, scale, zero, n * blocks, bs, b0, ym, ldy, 2); break;
+                case 3: lut4_row(xm, K, row, table0, scale, zero, n * blocks, bs, b0, ym, ldy, 3); break;
+                default: lut4_row(xm, K, row, table0, scale, zero, n * blocks, bs, b0, ym, ldy, 4); break;
+            }
+        }
+    }
+    free(xs);
+    return 0;
+}
+
+/* W (rows [n0, n1)) decoded into out (n1 - n0, K) float32: for larger batches, which then multiply by BLAS */
+int gpt2kit_lut4_dequant(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, const float *code, const float *scale,
+                         const float *zero, int64_t bs, float *out) {
+    if (K % bs || bs % 32) return -1;
+    const __m512 table0 = _mm512_loadu_ps(code);
+    const __m512i idx_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i idx_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const int64_t blocks = K / bs, half = K / 2;
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * half;
+        float *dst = out + (n - n0) * K;
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t g = n * blocks + b;
+            const __m512 table = zero ? _mm512_fmadd_ps(table0, _mm512_set1_ps(scale[g]), _mm512_set1_ps(zero[g]))
+                                      : _mm512_mul_ps(table0, _mm512_set1_ps(scale[g]));
+            for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {
+                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
+                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+                const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table);
+                /* interleave back: hi[i] is input 2i, lo[i] input 2i + 1 */
+                _mm512_storeu_ps(dst + 2 * j, _mm512_permutex2var_ps(hi, idx_lo, lo));
+                _mm512_storeu_ps(dst + 2 * j + 16, _mm512_permutex2var_ps(hi, idx_hi, lo));
+            }
+        }
+    }
+    return 0;
+}
+
+static inline __attribute__((always_inline)) void int8_row(const float *x, int64_t ldx, int64_t K, const int8_t *row,
+                                                           float s, float b0, float *y, int64_t ldy, const int MM) {
+    __m512 acc0[MAX_M], acc1[MAX_M];
+    for (int m = 0; m < MM; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {  /* K % 32 == 0 */
+        const __m512i both = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(both)));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(both, 1)));
+        for (int m = 0; m < MM; m++) {
+            acc0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * ldx + k), acc0[m]);
+            acc1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * ldx + k + 16), acc1[m]);
+        }
+    }
+    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) * s + b0;
+}
+
+int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, int64_t N,
+                    const float *scale, const float *bias, float *y, int64_t ldy) {
+    if (M < 1 || M > MAX_M || K % 32 || N < 1) return -1;
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t n = 0; n < N; n++) {
+        const float s = scale[n], b0 = bias ? bias[n] : 0.0f;
+        const int8_t *row = w + n * K;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const float *xm = x + m0 * ldx;
+            float *ym = y + m0 * ldy + n;
+            switch (M - m0 >= 4 ? 4 : M - m0) {
+                case 1: int8_row(xm, ldx, K, row, s, b0, ym, ldy, 1); break;
+                case 2: int8_row(xm, ldx, K, row, s, b0, ym, ldy, 2); break;
+                case 3: int8_row(xm, ldx, K, row, s, b0, ym, ldy, 3); break;
+                default: int8_row(xm, ldx, K, row, s, b0, ym, ldy, 4); break;
+            }
+        }
+    }
+    return 0;
+}

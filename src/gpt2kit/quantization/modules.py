@@ -1,0 +1,253 @@
+"""Quantized projections: drop-in replacements for a block's Projection, with its forward contract
+`forward(x: (..., in), activation=None) -> (..., out)`.
+
+Each holds one matrix in its stored format (formats.py) and picks its kernel by batch size, as measured
+on this CPU (README-quantization.md):
+- up to SMALL_BATCH rows (decode, small batches): the fused kernels of kernels.c, which decode the weights
+  in registers and read them once (0.5 byte a weight for 4-bit, 1 for int8);
+- more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
+  product is bound by arithmetic, not by reading the weights;
+- without the native library (no compiler / no AVX-512) or off the CPU: PyTorch ops (the packed int8
+  kernel, or dequantize-and-multiply), slower for 4-bit.
+Products are computed in float32 on the CPU, whatever compute dtype was asked for (bfloat16/float16
+activations are cast, once, in and out): the kernels decode to float32 anyway, and half-precision products
+are slower on CPUs. Elsewhere the config's compute dtype is used.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from . import formats as Q
+from . import native
+from ..model.linear import apply_activation
+
+logger = logging.getLogger("gpt2kit.quantization")
+
+SMALL_BATCH = 16  # rows up to which the fused kernels run (kernels.c MAX_M)
+DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
+
+
+class QuantizedProjection(nn.Module):
+    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x2) -> y2` for
+    x2 (M, in) float32 on the CPU, and `dequantize() -> W [out, in]` for everything else."""
+
+    mode = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+        self.compute_dtype = compute_dtype
+        self.last_kernel = ""  # which path the last forward took (tests assert the fast path ran)
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        shape = x.shape[:-1] + (self.out_features,)
+        x2 = x.reshape(-1, self.in_features)  # (M, in)
+        if x2.device.type == "cpu":
+            y = self._product(x2.float().contiguous())  # (M, out) float32, bias added
+        else:
+            dtype = self.compute_dtype or x.dtype
+            w = self.dequantize().to(dtype)
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            y = torch.nn.functional.linear(x2.to(dtype), w, bias)
+            self.last_kernel = "dequantize"
+        return apply_activation(y.to(x.dtype), activation).view(shape)  # activation: a config activation_function
+
+    def _bias32(self):
+        return None if self.bias is None else self.bias.float()
+
+    def _dequantized_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """Prefill: float32 W decoded DEQUANT_ROWS output rows at a time, multiplied by BLAS."""
+        out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        bias = self._bias32()
+        for n0 in range(0, self.out_features, DEQUANT_ROWS):
+            n1 = min(n0 + DEQUANT_ROWS, self.out_features)
+            w = self.dequantize_rows(n0, n1)  # (n1 - n0, in) float32
+            out[:, n0:n1] = torch.addmm(bias[n0:n1], x2, w.t()) if bias is not None else x2 @ w.t()
+        self.last_kernel = "dequantize+mm"
+        return out
+
+    def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor:
+        return self.dequantize()[n0:n1].float()
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.buffers(recurse=False)) + list(self.parameters(recurse=False)))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+class Linear4bit(QuantizedProjection):
+    """bitsandbytes' 4-bit format (NF4 / FP4, optional double quant), exactly as stored by it."""
+
+    def __init__(self, q: Q.Quantized4bit, bias: torch.Tensor | None, compute_dtype=None):
+        out_features, in_features = q.shape
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.mode = q.quant_type
+        self.quant_type, self.blocksize, self.quant_dtype = q.quant_type, q.blocksize, q.dtype
+        self.register_buffer("weight", q.data.contiguous())  # uint8 [(N*K+1)//2, 1]
+        self.register_buffer("absmax", q.block_absmax().float().contiguous())  # float32 per block, for compute
+        self.double_quant = q.double_quant
+        self.offset = q.offset
+        if q.double_quant:  # the stored (compressed) statistics, kept to save the checkpoint as it was read
+            self.register_buffer("absmax_codes", q.absmax)
+            self.register_buffer("nested_absmax", q.nested_absmax)
+            self.register_buffer("nested_quant_map", q.nested_code)
+        self.register_buffer("quant_map", Q.code_4bit(q.quant_type).clone())
+
+    def quantized(self) -> Q.Quantized4bit:
+        dq = self.double_quant
+        return Q.Quantized4bit(data=self.weight, shape=(self.out_features, self.in_features), dtype=self.quant_dtype,
+                               quant_type=self.quant_type, blocksize=self.blocksize,
+                               absmax=self.absmax_codes if dq else self.absmax, offset=self.offset,
+                               nested_absmax=self.nested_absmax if dq else None,
+                               nested_code=self.nested_quant_map if dq else None)
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_4bit(self.quantized(), torch.float32)
+
+    def _fused_ok(self) -> bool:
+        return self.in_features % self.blocksize == 0 and self.blocksize % 32 == 0
+
+    def dequantize_rows(self, n0, n1):
+        lib = native.library()
+        if lib is None or not self._fused_ok():
+            return super().dequantize_rows(n0, n1)
+        out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
+        rc = lib.gpt2kit_lut4_dequant(native.ptr(self.weight), n0, n1, self.in_features, native.ptr(self.quant_map),
+                                      native.ptr(self.absmax), None, self.blocksize, native.ptr(out))
+        assert rc == 0
+        return out
+
+    def _product(self, x2):
+        lib = native.library()
+        M = x2.shape[0]
+        if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
+            y = torch.empty(M, self.out_features, dtype=torch.float32)
+            rc = lib.gpt2kit_lut4_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
+                                     self.out_features, native.ptr(self.quant_map), native.ptr(self.absmax), None,
+                                     self.blocksize, native.ptr(self._bias32()), native.ptr(y), self.out_features)
+            assert rc == 0
+            self.last_kernel = "fused-lut4"
+            return y
+        return self._dequantized_product(x2)
+
+    def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The keys transformers + bitsandbytes save for this module (prefix 'transformer.h.0.attn.c_attn.')."""
+        out = self.quantized().state_dict(prefix)
+        if self.bias is not None:
+            out[prefix + "bias"] = self.bias.detach()
+        return out
+
+
+class LinearInt4(QuantizedProjection):
+    """Affine int4 per group of `group_size` inputs (TorchAoConfig('int4_weight_only')): codes in the same
+    nibble layout as bitsandbytes' 4-bit (row-major, high nibble first), w = (q - 8) * scale + zero."""
+
+    mode = "int4"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int, compute_dtype=None):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        q, scales, zeros = Q.quantize_int4_affine(weight, group_size)
+        self.group_size = group_size
+        flat = q.reshape(-1).to(torch.uint8)
+        self.register_buffer("weight", ((flat[0::2] << 4) | flat[1::2]).view(out_features, in_features // 2))
+        self.register_buffer("scales", scales.contiguous())  # float32 [N, K / group_size]
+        self.register_buffer("zeros", zeros.contiguous())
+        self.register_buffer("code", torch.arange(16, dtype=torch.float32) - 8)
+        self._int4pack = None  # PyTorch's packed layout, built on first use where the native library is absent
+
+    def codes(self) -> torch.Tensor:
+        return Q.unpack_codes(self.weight).view(self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_int4_affine(self.codes().int(), self.scales, self.zeros)
+
+    def dequantize_rows(self, n0, n1):
+        lib = native.library()
+        if lib is None:
+            return super().dequantize_rows(n0, n1)
+        out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
+        rc = lib.gpt2kit_lut4_dequant(native.ptr(self.weight), n0, n1, self.in_features, native.ptr(self.code),
+                                      native.ptr(self.scales), native.ptr(self.zeros), self.group_size, native.ptr(out))
+        assert rc == 0
+        return out
+
+    def _product(self, x2):
+        lib = native.library()
+        M = x2.shape[0]
+        if lib is not None and M <= SMALL_BATCH:
+            y = torch.empty(M, self.out_features, dtype=torch.float32)
+            rc = lib.gpt2kit_lut4_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
+                                     self.out_features, native.ptr(self.code), native.ptr(self.scales),
+                                     native.ptr(self.zeros), self.group_size, native.ptr(self._bias32()),
+                                     native.ptr(y), self.out_features)
+            assert rc == 0
+            self.last_kernel = "fused-lut4"
+            return y
+        if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
+            return self._int4pack_product(x2)
+        return self._dequantized_product(x2)
+
+    def _int4pack_product(self, x2):
+        if self._int4pack is None:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().int(), 1)
+            sz = torch.stack([self.scales, self.zeros], -1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+            self._int4pack = (packed, sz.to(torch.bfloat16))
+        packed, sz = self._int4pack
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size, sz).float()
+        self.last_kernel = "aten-int4pack"
+        return y + self.bias.float() if self.bias is not None else y
+
+
+class Linear8bit(QuantizedProjection):
+    """LLM.int8's storage (bitsandbytes Linear8bitLt): CB int8 [N, K] and SCB, the float32 row absmax.
+
+    Weight-only: activations stay in float32 (bfloat16 on the large-batch path), so every input column is
+    computed at high precision, not only those above llm_int8_threshold, which bitsandbytes splits out
+    because it also quantizes activations to int8."""
+
+    mode = "int8"
+
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, threshold: float = 6.0,
+                 compute_dtype=None):
+        out_features, in_features = cb.shape
+        super().__init__(in_features, out_features, bias, compute_dtype)
+        self.threshold = threshold
+        self.register_buffer("weight", cb.contiguous())
+        self.register_buffer("SCB", scb.float().contiguous())
+        self.register_buffer("scale", (self.SCB * Q.INV_127).contiguous())  # per output row
+
+    def dequantize(self) -> torch.Tensor:
+        return Q.dequantize_int8_rowwise(self.weight, self.SCB)
+
+    def _product(self, x2):
+        lib = native.library()
+        M = x2.shape[0]
+        if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
+            y = torch.empty(M, self.out_features, dtype=torch.float32)
+            rc = lib.gpt2kit_int8_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
+                                     self.out_features, native.ptr(self.scale), native.ptr(self._bias32()),
+                                     native.ptr(y), self.out_features)
+            assert rc == 0
+            self.last_kernel = "fused-int8"
+            return y
+        from ..model import onednn
+
+        if onednn.bf16_available():  # AMX / AVX512-BF16: PyTorch's packed int8 kernel on bf16 activations
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
+            self.last_kernel = "aten-int8pack"
+            y = y.float()
+            return y + self.bias.float() if self.bias is not None else y
+        return self._dequantized_product(x2)
+
+    def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {prefix + "weight": self.weight, prefix + "SCB": self.SCB,
+               prefix + "weight_format": torch.tensor(0, dtype=torch.uint8)}  # 0 = "row", bitsandbytes' only layout
+        if self.bias is not None:
+            out[prefix + "bias"] = self.bias.detach()
+        return out

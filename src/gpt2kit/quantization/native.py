@@ -1,0 +1,100 @@
+"""Build and load kernels.c (the fused dequantize-and-multiply kernels) for this CPU, once per machine.
+
+The library is compiled with the system C compiler (`cc`, or $CC) at first use, for the CPU it runs on
+(-march=native), into ~/.cache/gpt2kit/kernels (or $GPT2KIT_CACHE) under a name that hashes the source,
+the compiler and the CPU's flags; it is called through ctypes (which releases the GIL). Where there is
+no compiler or no AVX-512, `library()` returns None and modules.py uses PyTorch's own kernels instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+logger = logging.getLogger("gpt2kit.quantization")
+
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def instruction_set() -> str:
+    """This CPU's vector instruction set in words, e.g. 'AVX512 (+BF16, VNNI, AMX)'."""
+    flags = cpu_flags()
+    base = torch.backends.cpu.get_cpu_capability()
+    extras = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI"), ("amx_tile", "AMX"),
+                                      ("avx512_fp16", "FP16")) if flag in flags]
+    return f"{base} (+{', '.join(extras)})" if extras else base
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("GPT2KIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2kit")
+    return os.path.join(root, "kernels")
+
+
+@functools.cache
+def library():
+    """The loaded kernel library, or None (no compiler, no AVX-512, or GPT2KIT_NATIVE_KERNELS=0)."""
+    if os.environ.get("GPT2KIT_NATIVE_KERNELS", "1") == "0":
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw"} <= cpu_flags():
+        logger.info("No AVX-512 on this CPU: quantized projections use PyTorch's kernels.")
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        logger.warning("No C compiler found: quantized projections use PyTorch's kernels (NF4/FP4 are then slow). "
+                       "Install gcc to build gpt2kit's fused 4-bit kernels.")
+        return None
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + cc.encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"gpt2kit_kernels_{key}.so")
+    if not os.path.exists(path):
+        try:
+            _compile(cc, path)
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
+            logger.warning("Could not build gpt2kit's quantized kernels (%s); using PyTorch's kernels.", detail)
+            return None
+    lib = ctypes.CDLL(path)
+    i64, p = ctypes.c_int64, ctypes.c_void_p
+    lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64]
+    lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
+    lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64]
+    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _compile(cc: str, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", SOURCE, "-o", tmp],
+                       check=True, capture_output=True)
+        os.replace(tmp, path)  # atomic: a concurrent build or reader never sees half a library
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
