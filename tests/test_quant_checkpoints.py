@@ -131,8 +131,8 @@ def test_skip_modules_and_fast_path(float_dir):
     assert out.shape == (1, 7)
     from gpt2kit.quantization import native
 
-    if native.library() is not None:  # decode steps ran the fused kernel
-        assert model.transformer.h[0].mlp.c_fc.last_kernel == "fused-lut4"
+    expected = "fused-lut4" if native.library() is not None else "dequantize+mm"  # the kernel for this CPU
+    assert model.transformer.h[0].mlp.c_fc.last_kernel == expected
 
 
 @pytest.mark.parametrize("group_size", [32, 64])

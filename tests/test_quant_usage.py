@@ -64,19 +64,28 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
     model = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=qconfig)
     ref = float_twin(model, gpt2_small_shaped)
     ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
+    from gpt2kit.quantization import native
+
     with torch.no_grad():
-        assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4  # model.forward
+        got, want = model(ids).logits, ref(ids).logits  # model.forward
+        kernels = {m.last_kernel for m in quantized_modules(model).values()}
+        # PyTorch's packed int8/int4 kernels (where the fused ones cannot run) take bf16 activations
+        bf16_acts = bool(kernels & {"aten-int8pack", "aten-int4pack"})
+        tol = 4 * want.abs().max().item() / 128 if bf16_acts else 1e-4
+        assert (got - want).abs().max().item() < tol
         for m in (model, ref):  # model.decode: a prompt, then one step
             m.cache = StaticCache(m.config, max_batch_size=1, max_cache_len=16)
         a = [model.decode(ids, model.cache), model.decode(ids[:, :1], model.cache)]
         b = [ref.decode(ids, ref.cache), ref.decode(ids[:, :1], ref.cache)]
         for x, y in zip(a, b):
-            assert (x - y).abs().max().item() < 1e-4
-    kernels = {m.last_kernel for m in quantized_modules(model).values()}
-    from gpt2kit.quantization import native
-
-    if native.library() is not None:
-        assert kernels <= {"fused-lut4", "fused-int8"} and kernels
+            assert (x - y).abs().max().item() < tol
+    kernels |= {m.last_kernel for m in quantized_modules(model).values()}
+    if native.library() is not None:  # AVX-512 and a C compiler: the fused kernels (and BLAS past 16 rows)
+        assert kernels <= {"fused-lut4", "fused-int8", "dequantize+mm"} and kernels & {"fused-lut4", "fused-int8"}
+    else:  # else PyTorch's packed int8/int4 kernels, and NF4/FP4 dequantized per product (see modules.py)
+        assert kernels <= {"aten-int8pack", "aten-int4pack", "dequantize+mm"} and kernels
+    if bf16_acts:
+        return  # bf16 activations may flip a near-tie greedy choice: the logits above are the check
     assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
                        ref.generate(ids, max_new_tokens=8, do_sample=False))
 
