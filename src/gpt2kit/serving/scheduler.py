@@ -171,16 +171,21 @@ class Engine:
             self._drain_inbox(block=not (self.waiting or self.prefilling or self.running))
             if self._stop:
                 break
-            try:
-                with torch.inference_mode():
-                    self._admit()
-                    self._prefill_step()
-                    self._decode_step()
-            except Exception:  # a bug in the engine itself: fail what is in flight, keep serving
-                log.exception("engine step failed; failing the requests in flight")
-                for seq in list(self.prefilling) + list(self.running):
-                    self._fail(seq.req, 500, "The server failed while running this request; it has been logged.")
-            self._report_gauges()
+            self.step()
+
+    def step(self) -> None:
+        """One engine step: take in news, admit, read one prompt chunk, decode every running sequence."""
+        self._drain_inbox(block=False)
+        try:
+            with torch.inference_mode():
+                self._admit()
+                self._prefill_step()
+                self._decode_step()
+        except Exception:  # a bug in the engine itself: fail what is in flight, keep serving
+            log.exception("engine step failed; failing the requests in flight")
+            for seq in list(self.prefilling) + list(self.running):
+                self._fail(seq.req, 500, "The server failed while running this request; it has been logged.")
+        self._report_gauges()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
