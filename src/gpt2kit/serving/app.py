@@ -188,7 +188,7 @@ def build_app(state: ServerState, ui: bool = True) -> FastAPI:
             text = state.chat_template.render(message_dicts(req.messages), req.add_generation_prompt, state.special_tokens)
         else:
             text = req.prompt
-        ids = state.tokenizer.encode(text)
+        ids = state.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.limits.max_model_len}
 
     @app.post("/detokenize")

@@ -24,7 +24,7 @@ GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_pen
 
 
 def add_serve(sub):
-    from ..cli import DTYPES, nonneg_int, positive_int
+    from ..cli import DTYPES, nonneg_int, positive_float, positive_int
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching)",
                        description="Serve MODEL (a local directory or a Hub name; default: the embedded model) over "
@@ -50,7 +50,7 @@ def add_serve(sub):
     p.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
                    help="auto: unset sampling fields default to the model's generation_config.json (as vLLM); "
                         "vllm: to the OpenAI defaults")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let running requests finish on SIGTERM")
+    p.add_argument("--drain-timeout", type=positive_float, default=30.0, help="seconds to let running requests finish on SIGTERM")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground page at /")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
                    help="server log level (default warning; info adds one line per HTTP request)")
@@ -126,7 +126,9 @@ def run_serve(args) -> int:
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_NAME]
-    state = ServerState(served_names=names, root=args.model if args.model is not None else DEFAULT_NAME,
+    from ..training.default_model import default_model_dir
+
+    state = ServerState(served_names=names, root=args.model if args.model is not None else default_model_dir(),
                         api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     app = InFlight(build_app(state, ui=not args.no_ui), state)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level in ("debug", "info"),

@@ -106,6 +106,6 @@ def check_common(req: SamplingFields, limits: Limits, choices: int) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError("`stream_options` is only allowed when `stream` is true.", param="stream_options")
     if choices > limits.max_num_seqs:
-        raise APIError(f"This request asks for {choices} sequences at once (n x prompts), more than the server's "
-                       f"{limits.max_num_seqs} slots (--max-num-seqs). Ask for fewer, or send several requests.",
+        raise APIError(f"`n` is {choices}: the choices of one prompt run together, and the server has "
+                       f"{limits.max_num_seqs} slots (--max-num-seqs). Ask for at most {limits.max_num_seqs}.",
                        param="n")

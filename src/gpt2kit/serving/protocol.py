@@ -100,8 +100,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    echo: bool = False
     chat_template_kwargs: dict | None = None
 
 
