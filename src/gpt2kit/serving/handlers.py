@@ -74,6 +74,33 @@ class Submission:
                 get.cancel()
 
 
+async def collect(sub: Submission, request, n_choices: int):
+    """Wait for every choice to finish: (choices, {prompt index: PromptDone}), or None if the client left."""
+    choices = [ChoiceState(i) for i in range(n_choices)]
+    done: dict[int, PromptDone] = {}
+    left = n_choices
+    try:
+        async for p, ev in sub.events(request):
+            if isinstance(ev, PromptDone):
+                done[p] = ev
+            elif isinstance(ev, ChoiceUpdate):
+                c = choices[ev.index]
+                c.text.append(ev.text)
+                c.tokens.extend(ev.tokens)
+                if ev.finish_reason is not None:
+                    c.finish_reason, c.stop_reason, c.completion_tokens = ev.finish_reason, ev.stop_reason, ev.completion_tokens
+                    left -= 1
+                    if left == 0:
+                        break
+    except ClientGone:
+        return None
+    finally:
+        if left:
+            sub.abort()
+    sub.finished = True
+    return choices, done
+
+
 def _engine_request(state, sub: Submission, p: int, ids: list[int], n: int, max_tokens: int, params, req, *,
                     logprobs, prompt_logprobs, request_id: str) -> EngineRequest:
     return EngineRequest(
@@ -158,29 +185,10 @@ class CompletionContext:
         return self._body(choices, usage(sum(len(p) for p in self.prompts), 0, 0))
 
     async def whole(self, sub: Submission, request) -> dict:
-        choices = [ChoiceState(i) for i in range(self.n_choices)]
-        done: dict[int, PromptDone] = {}
-        left = self.n_choices
-        try:
-            async for p, ev in sub.events(request):
-                if isinstance(ev, PromptDone):
-                    done[p] = ev
-                elif isinstance(ev, ChoiceUpdate):
-                    c = choices[ev.index]
-                    c.text.append(ev.text)
-                    c.tokens.extend(ev.tokens)
-                    if ev.finish_reason is not None:
-                        c.finish_reason, c.stop_reason, c.completion_tokens = ev.finish_reason, ev.stop_reason, ev.completion_tokens
-                        left -= 1
-                        if left == 0:
-                            break
-        except ClientGone:
-            sub.abort()
+        collected = await collect(sub, request, self.n_choices)
+        if collected is None:
             return None
-        finally:
-            if left:
-                sub.abort()
-        sub.finished = True
+        choices, done = collected
         out = []
         for c in choices:
             p = self._prompt_of(c.index)
@@ -292,28 +300,11 @@ class ChatContext:
         return chat_logprobs(tokens, self.token_text, self.req.top_logprobs or 0) if self.req.logprobs else None
 
     async def whole(self, sub: Submission, request) -> dict:
-        choices = [ChoiceState(i) for i in range(self.req.n)]
-        cached, left = 0, self.req.n
-        try:
-            async for _, ev in sub.events(request):
-                if isinstance(ev, PromptDone):
-                    cached = ev.cached_tokens
-                elif isinstance(ev, ChoiceUpdate):
-                    c = choices[ev.index]
-                    c.text.append(ev.text)
-                    c.tokens.extend(ev.tokens)
-                    if ev.finish_reason is not None:
-                        c.finish_reason, c.stop_reason, c.completion_tokens = ev.finish_reason, ev.stop_reason, ev.completion_tokens
-                        left -= 1
-                        if left == 0:
-                            break
-        except ClientGone:
-            sub.abort()
+        collected = await collect(sub, request, self.req.n)
+        if collected is None:
             return None
-        finally:
-            if left:
-                sub.abort()
-        sub.finished = True
+        choices, done = collected
+        cached = sum(d.cached_tokens for d in done.values())
         out = []
         for c in choices:
             out.append({"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
