@@ -10,7 +10,7 @@ Reported: output tokens/s, requests/s, time to first token and inter-token laten
 arrival times of the stream's chunks). Then, for gpt2kit only: offline `generate` at batch 1 and 32 (the
 ceiling the server is held against), the inter-token latency of running streams while a 1000-token
 prompt is read (chunked prefill), and the first-token time of a request whose 512-token prefix is cached
-against one whose prefix is not. Writes benchmarks/results/serve.json and serve.png.
+against one whose prefix is not. Writes benchmarks/serve.json and serve.png.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-RESULTS = REPO / "benchmarks" / "results"
+RESULTS = REPO / "benchmarks"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
