@@ -76,7 +76,7 @@ def test_from_pretrained_overrides(tmp_path):
     (dict(n_inner=-4), "n_inner must be None or a positive integer"),
     (dict(summary_type="max"), "Unknown summary_type"),
     (dict(problem_type="ranking"), "Unknown problem_type"),
-    (dict(attn_implementation="flash_attention_2"), "Unknown attn_implementation"),
+    (dict(attn_implementation="flash_attention_2"), "implementations here are .sdpa."),
     (dict(num_labels=3, id2label={0: "a"}), "disagrees with id2label"),
 ])
 def test_validation_errors(kwargs, message):

@@ -256,15 +256,61 @@ def test_batched_decode_through_onednn_matches_transformers(sdpa_pair):
 def test_fixed_shape_graph_step_matches_transformers(sdpa_pair, monkeypatch):
     """The CUDA-graph runner's fixed-shape step (full-length cache, key mask, write position on the device),
     run here without capture, gives transformers' tokens, for greedy (padded, eos) and beams."""
-    from gpt2kit.generation import engine
     from gpt2kit.generation.graphs import GraphRunner
 
-    monkeypatch.setattr(engine, "make_runner",
-                        lambda model, plan: GraphRunner(model, plan.input_ids.shape[0], plan.max_length,
-                                                        plan.attention_mask, capture=False))
+    made = []
+    monkeypatch.setattr(runner_mod, "make_runner",
+                        lambda model, plan: made.append(GraphRunner(model, plan.input_ids.shape[0], plan.max_length,
+                                                                    plan.attention_mask, capture=False)) or made[-1])
     hf, ours = sdpa_pair
     ids, mask = prompts()
     eos = eos_that_fires(hf, ids, mask, step=2)
     for kw in (dict(max_new_tokens=10, eos_token_id=eos), dict(max_new_tokens=7, num_beams=3, eos_token_id=eos)):
         a, b = both(hf, ours, ids, attention_mask=mask, pad_token_id=0, **kw)
         assert torch.equal(a, b), kw
+    assert len(made) == 2  # both searches ran on the fixed-shape runner
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_generate_continues_from_a_cache_holding_a_prefix(sdpa_pair, kind):
+    """past_key_values holding the first tokens of input_ids (a shared prefix, a multi-turn chat): only the
+    rest is read, and the tokens equal transformers' given the same cache."""
+    from gpt2kit import DynamicCache, StaticCache
+
+    hf, ours = sdpa_pair
+    ids = torch.randint(1, 101, (2, 9), generator=torch.Generator().manual_seed(7))
+    caches = {}
+    for name, model, mod in (("hf", hf, transformers), ("ours", ours, None)):
+        if kind == "dynamic":
+            cache = (transformers.DynamicCache(config=hf.config) if mod else DynamicCache(ours.config))
+        else:
+            cache = (transformers.StaticCache(config=hf.config, max_cache_len=32) if mod
+                     else StaticCache(ours.config, max_batch_size=2, max_cache_len=32))
+        with torch.no_grad():
+            model(ids[:, :5], past_key_values=cache, use_cache=True)
+        caches[name] = cache
+    a = hf.generate(ids, past_key_values=caches["hf"], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    reads = []
+    real = type(ours).forward
+    def counting(self, input_ids=None, **kw):  # noqa: E306
+        reads.append(input_ids.shape[1])
+        return real(self, input_ids, **kw)
+    type(ours).forward = counting
+    try:
+        out = ours.generate(ids, past_key_values=caches["ours"], max_new_tokens=6, do_sample=False, pad_token_id=0,
+                            return_dict_in_generate=True)
+    finally:
+        type(ours).forward = real
+    assert torch.equal(a, out.sequences)
+    assert reads[0] == 4  # the prefill read only the 4 tokens after the cached 5
+    assert out.past_key_values is caches["ours"] and caches["ours"].get_seq_length() == 9 + 5
+    with pytest.raises(ValueError, match="already holds"):
+        ours.generate(ids[:, :3], past_key_values=caches["ours"], max_new_tokens=2)
+
+
+def test_flash_attention_2_names_what_exists_here():
+    from gpt2kit import GPT2Config
+
+    with pytest.raises(ValueError, match="'sdpa'.*'eager'") as e:
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, attn_implementation="flash_attention_2"))
+    assert "GPU kernels" in str(e.value)

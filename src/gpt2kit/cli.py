@@ -12,7 +12,6 @@ GPU) end the command with one line on stderr and a non-zero exit status, never a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,15 +19,62 @@ from .allocator import keep_freed_memory_for_reuse
 from .errors import GPT2KitError
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
+DEFAULT_MAX_NEW_TOKENS = 50
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help states each option's default: "(default: X)" is added to a help text that does not already say
+    its default (an option whose default is None or off must say in its help what happens without it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or "%(default)" in text or not action.option_strings:
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._StoreConstAction):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (not the whole usage block)."""
+    """argparse that reports a bad command line in one line (not the whole usage block), suggests the option
+    closest to a mistyped one, and shows every default in --help."""
 
-    def error(self, message):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand's parser, which knows the options it meant
+            parser = self._subcommand_parser(getattr(namespace, "command", None)) or self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}", suggestion=parser._suggest(extras))
+        return namespace
+
+    def _subcommand_parser(self, name):
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+    def _suggest(self, extras) -> str:
+        """ " (did you mean --max-new-tokens?)" for the unknown options in `extras` that resemble one of ours."""
+        import difflib
+
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for arg in extras:
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+            if close:
+                hints.append((flag, close[0]))
+        if len(hints) == 1:
+            return f" (did you mean {hints[0][1]}?)"
+        return f" (did you mean {', '.join(f'{right} for {wrong}' for wrong, right in hints)}?)" if hints else ""
+
+    def error(self, message, suggestion: str = ""):
         if len(message) > 300:  # argparse echoes unrecognized arguments whole: a long prompt would fill the screen
             message = f"{message[:240]}... ({len(message) - 240} more characters)"
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{suggestion} (see {self.prog} --help)\n")
 
 
 # -- argument types that reject bad values with a clear message --------------------------------------
@@ -73,33 +119,84 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # -- generate ---------------------------------------------------------------------------------------
+def generation_value(field: str, parse):
+    """An argparse type for a GenerationConfig field: the value must pass the rule generate() applies to it
+    (generation.config.RULES, imported only when the flag is given, as it brings in torch)."""
+    def convert(text: str):
+        from .generation.config import RULES, SAMPLING_RULES
+
+        test, what = RULES[field]
+        hint = " (for greedy decoding use --greedy)" if field in SAMPLING_RULES else ""
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}{hint}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names the type in some messages
+    return convert
+
+
+# flags that only sampling reads: giving one asks for sampling, and contradicts --greedy
+SAMPLING_ONLY_FLAGS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
+
+
+def check_generate_flags(args, parser):
+    """Refuse flags that contradict each other (argparse would let the last one win silently)."""
+    given = [f"--{k.replace('_', '-')}" for k in SAMPLING_ONLY_FLAGS if getattr(args, k) is not None]
+    if given and args.do_sample is False:
+        parser.error(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but --greedy "
+                     f"was given: drop {' and '.join(given)} or --greedy")
+    if given and args.do_sample is None:
+        args.do_sample = True
+    return args
+
+
 def add_generate(sub):
     p = sub.add_parser("generate", help="continue a prompt with a GPT-2 model, streaming tokens as they come",
                        description="Continue PROMPT (or standard input) with a GPT-2 model and stream the text as it "
                                    "is generated. Without --model, the small default model bundled with gpt2kit is "
                                    "used, so this works offline.")
-    p.add_argument("prompt", nargs="?", help="the text to continue; read from standard input when omitted or '-'")
+    p.add_argument("prompt", nargs="?", help="the text to continue (UTF-8); read from standard input when omitted or "
+                                             "'-', less one trailing newline (the one echo adds)")
     p.add_argument("--model", "-m", help="a local model directory or a Hugging Face Hub name (e.g. openai-community/gpt2); "
                                          "default: the embedded Shakespeare model")
-    p.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate (default 50)")
-    p.add_argument("--num-return-sequences", "-n", type=positive_int, default=1, help="continuations to generate (default 1)")
-    p.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
-                   help="sample the next token (default: as the model's generation_config.json says; "
-                        "the embedded model samples with top-k 50)")
-    p.add_argument("--greedy", dest="do_sample", action="store_false", help="pick the most likely token every step")
-    p.add_argument("--temperature", type=positive_float, help="sampling temperature (> 0)")
-    p.add_argument("--top-k", type=nonneg_int, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--typical-p", type=_float_in(0.0, 1.0, lo_open=True), help="typical sampling mass in (0, 1]")
-    p.add_argument("--min-p", type=probability, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=positive_float, help="penalty > 1 discourages repeats")
-    p.add_argument("--no-repeat-ngram-size", type=nonneg_int, help="never repeat an n-gram of this size")
-    p.add_argument("--num-beams", type=positive_int, help="beam search with this many beams (implies --greedy)")
+    p.add_argument("--max-new-tokens", type=generation_value("max_new_tokens", int), default=None,
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, or fewer where the model's context "
+                        "ends sooner)")
+    p.add_argument("--num-return-sequences", "-n", type=generation_value("num_return_sequences", int), default=1,
+                   help="continuations to generate (default 1; more than 1 samples, or returns the best beams)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                      help="sample the next token (default: as the model's generation_config.json says; "
+                           "the embedded model samples with top-k 50)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="pick the most likely token every step")
+    sampling = "; implies --do-sample (default: the model's generation_config)"
+    p.add_argument("--temperature", type=generation_value("temperature", float),
+                   help=f"sampling temperature, above 0{sampling}")
+    p.add_argument("--top-k", type=generation_value("top_k", int),
+                   help=f"sample among the k most likely tokens, 0 = all{sampling}")
+    p.add_argument("--top-p", type=generation_value("top_p", float),
+                   help=f"nucleus sampling: the most likely tokens up to this probability mass{sampling}")
+    p.add_argument("--typical-p", type=generation_value("typical_p", float),
+                   help=f"typical sampling: the tokens closest to the expected information, up to this mass{sampling}")
+    p.add_argument("--min-p", type=generation_value("min_p", float),
+                   help=f"drop tokens below min_p x the top probability{sampling}")
+    p.add_argument("--repetition-penalty", type=generation_value("repetition_penalty", float),
+                   help="penalty > 1 discourages repeats")
+    p.add_argument("--no-repeat-ngram-size", type=generation_value("no_repeat_ngram_size", int),
+                   help="never repeat an n-gram of this size")
+    p.add_argument("--num-beams", type=generation_value("num_beams", int),
+                   help="beam search with this many beams: with --greedy plain beam search, with --do-sample (or a "
+                        "model that samples by default, as the embedded one does) beam sampling")
     p.add_argument("--seed", type=nonneg_int, help="random seed, for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.set_defaults(run=run_generate)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text: per sequence "
+                                                       "the text, new_tokens and finish_reason (stop or length)")
+    p.set_defaults(run=lambda args: run_generate(check_generate_flags(args, p)))
 
 
 def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
@@ -108,7 +205,7 @@ def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
 
     from .auto import AutoModelForCausalLM
     from .tokenizer import AutoTokenizer
-    from .training.default_model import default_model_dir
+    from .default_model import default_model_dir
     from .devices import resolve_device
 
     device = resolve_device(device_name, "--device")
@@ -137,25 +234,22 @@ SAMPLING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "typical_p", "mi
 def run_generate(args) -> int:
     import torch
 
-    from .generation import TextStreamer
+    from . import generate_io
     from .utils import set_seed
 
-    prompt = args.prompt
-    if prompt is None or prompt == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise GPT2KitError("No prompt: give it as an argument (gpt2kit generate \"Once upon a time\") or on standard input.")
-        prompt = sys.stdin.read()
+    prompt = generate_io.read_prompt(args.prompt)
     if not prompt:
         raise GPT2KitError("The prompt is empty: give some text to continue.")
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
     n_pos, L = model.config.n_positions, ids.shape[1]
-    if L >= n_pos:
-        raise GPT2KitError(f"The prompt is {L} tokens long, but this model reads at most {n_pos} tokens, including the ones "
-                        f"it generates. Shorten the prompt to under {n_pos} tokens.")
-    if L + args.max_new_tokens > n_pos:
-        raise GPT2KitError(f"The prompt ({L} tokens) plus --max-new-tokens {args.max_new_tokens} exceeds this model's "
-                        f"{n_pos}-token context: use --max-new-tokens {n_pos - L} or less, or a shorter prompt.")
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default fits the model's context; a value the user gave stays strict (engine)
+        max_new = DEFAULT_MAX_NEW_TOKENS
+        if 0 < n_pos - L < max_new:
+            max_new = n_pos - L
+            print(f"note: generating at most {max_new} tokens: the prompt ({L} tokens) leaves no more room in this "
+                  f"model's {n_pos}-token context (--max-new-tokens to choose)", file=sys.stderr)
     if args.seed is not None:
         set_seed(args.seed)
     kwargs = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
@@ -165,28 +259,28 @@ def run_generate(args) -> int:
     stream = not args.json and n == 1 and (args.num_beams or 1) == 1
     streamer = None
     if stream:
-        print(prompt, end="", flush=True)
-        streamer = TextStreamer(tok, skip_prompt=True)
+        streamer = generate_io.CommandStreamer(tok, prompt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                         num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                             num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    finally:
+        if streamer is not None:  # an error or Ctrl-C mid-stream: its message starts on a line of its own
+            streamer.finish()
     if stream:
         return 0
-    texts = [tok.decode(row[L:], skip_special_tokens=True) for row in out]
+    results = generate_io.sequence_results(out, L, model.generation_config.eos_token_id,
+                                           lambda new: tok.decode(new, skip_special_tokens=True))
     if args.json:
-        print(json.dumps({"model": name, "prompt": prompt, "prompt_tokens": L,
-                          "generated": [{"generated_text": prompt + t, "continuation": t} for t in texts]}))
+        generate_io.print_json(name, prompt, L, results)
     else:
-        for i, t in enumerate(texts):
-            if i:
-                print("\n" + "-" * 40)
-            print(prompt + t)
+        generate_io.print_text(prompt, results)
     return 0
 
 
 # -- train ------------------------------------------------------------------------------------------
 def add_train(sub):
-    from .training.settings import PRESETS, TrainConfig
+    from .training.settings import FINETUNE_LR, PRESETS, PRETRAIN_LR, TrainConfig
 
     d = TrainConfig(files=[], out_dir="")
     p = sub.add_parser("train", help="train or fine-tune a GPT-2 model on text files",
@@ -194,47 +288,62 @@ def add_train(sub):
                                    "UTF-8 text files, writing a Hugging Face model directory to --out. Run it under "
                                    "`torchrun --nproc_per_node N -m gpt2kit train ...` for data-parallel training.")
     p.add_argument("files", nargs="+", help="UTF-8 text files to train on")
-    p.add_argument("--out", "-o", required=True, dest="out_dir", help="run directory: model, checkpoints, log.jsonl, loss.png")
+    p.add_argument("--out", "-o", required=True, dest="out_dir",
+                   help="run directory: model, checkpoints, log.jsonl, loss.png (one that holds a run needs --resume "
+                        "or --overwrite)")
     what = p.add_argument_group("model (one of --model, --preset, or sizes)")
-    what.add_argument("--model", "-m", help="fine-tune this checkpoint (a local directory or Hub name)")
-    what.add_argument("--preset", choices=sorted(PRESETS), help="train from scratch at a GPT-2 size")
-    what.add_argument("--n-layer", type=positive_int)
-    what.add_argument("--n-embd", type=positive_int)
-    what.add_argument("--n-head", type=positive_int)
-    what.add_argument("--n-positions", type=positive_int, help="context length of a new model (default 1024)")
+    what.add_argument("--model", "-m", help="fine-tune this checkpoint (a local directory or Hub name); default: "
+                                            "train a new model")
+    what.add_argument("--preset", choices=sorted(PRESETS), help="train from scratch at a GPT-2 size (default: none; "
+                                                                "give the sizes below)")
+    what.add_argument("--n-layer", type=positive_int, help="transformer blocks of a new model (default: the preset's)")
+    what.add_argument("--n-embd", type=positive_int, help="hidden size of a new model (default: the preset's)")
+    what.add_argument("--n-head", type=positive_int, help="attention heads of a new model (default: the preset's)")
+    what.add_argument("--n-positions", type=positive_int, help="context length of a new model (default: the preset's, "
+                                                               "else 1024)")
     what.add_argument("--dropout", type=fraction, help="dropout probability (default 0 from scratch; the checkpoint's when fine-tuning)")
     data = p.add_argument_group("data")
     data.add_argument("--val-file", action="append", default=[], dest="val_files",
                       help="held-out text (repeatable); default: the last --val-fraction of each training file")
     data.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
-                      help=f"fraction of each file, by bytes from its end, held out for validation (default {d.val_fraction})")
+                      help="fraction of each file, by bytes from its end, held out for validation")
     data.add_argument("--seq-len", type=positive_int, help="tokens per training window (default: n_positions)")
     data.add_argument("--cache-dir", help="where tokenized text is cached (default ~/.cache/gpt2kit/tokens)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"windows per process per micro-step (default {d.batch_size})")
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per process per micro-step")
     opt.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-steps per optimizer step")
-    opt.add_argument("--max-steps", type=positive_int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
-    opt.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    opt.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio, help="final lr as a fraction of the peak")
-    opt.add_argument("--warmup-steps", type=nonneg_int, help="linear warmup steps (default 5%% of --max-steps)")
-    opt.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=d.weight_decay)
-    opt.add_argument("--beta1", type=fraction, default=d.betas[0])
-    opt.add_argument("--beta2", type=fraction, default=d.betas[1])
+    opt.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="optimizer steps")
+    opt.add_argument("--lr", type=positive_float,
+                     help=f"peak learning rate (default: {PRETRAIN_LR:g} from scratch, {FINETUNE_LR:g} when "
+                          "fine-tuning with --model)")
+    opt.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio,
+                     help="final lr of the cosine decay, as a fraction of the peak")
+    opt.add_argument("--warmup-steps", type=nonneg_int, help="linear warmup steps, at most --max-steps (default 5%% of "
+                                                             "--max-steps)")
+    opt.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=d.weight_decay,
+                     help="AdamW weight decay, on matrices only")
+    opt.add_argument("--beta1", type=fraction, default=d.betas[0], help="AdamW beta1")
+    opt.add_argument("--beta2", type=fraction, default=d.betas[1], help="AdamW beta2")
     opt.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=d.grad_clip, help="max gradient norm (0 = off)")
     opt.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="autocast precision (auto: bfloat16 where the GPU or CPU supports it natively, else float32)")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
-    opt.add_argument("--seed", type=nonneg_int, default=d.seed)
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    opt.add_argument("--seed", type=nonneg_int, default=d.seed, help="seed of the initial weights, data order and dropout")
     opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
     run = p.add_argument_group("evaluation, checkpoints, logs")
     run.add_argument("--eval-every", type=nonneg_int, default=d.eval_every, help="validate every N steps (0 = only at the end)")
     run.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per evaluation")
     run.add_argument("--save-every", type=nonneg_int, default=d.save_every, help="checkpoint every N steps (0 = only at the end)")
-    run.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints)
-    run.add_argument("--log-every", type=positive_int, default=d.log_every)
+    run.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints,
+                     help="newest checkpoints kept (a damaged newest one is skipped on --resume)")
+    run.add_argument("--log-every", type=positive_int, default=d.log_every, help="log the training loss every N steps")
     run.add_argument("--save-dtype", choices=DTYPES[1:], default=d.save_dtype, help="precision of the saved model's weights")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its latest checkpoint (repeat the original flags)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out: its checkpoints and log are deleted first")
     run.add_argument("--stop-after", type=positive_int, help=argparse.SUPPRESS)  # tests: end as a crash would
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar while tokenizing")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars (they show only on a terminal; elsewhere log lines)")
     p.set_defaults(run=run_train)
 
 
@@ -246,8 +355,8 @@ def run_train(args) -> int:
     fields["betas"] = (args.beta1, args.beta2)
     if args.eval_every == 0:
         fields["eval_every"] = args.max_steps  # only at the end
-    train(TrainConfig(**fields))
-    return 0
+    summary = train(TrainConfig(**fields))
+    return 130 if summary.get("interrupted") else 0  # 130: stopped by Ctrl-C (with a checkpoint)
 
 
 # -- eval -------------------------------------------------------------------------------------------
@@ -261,11 +370,14 @@ def add_eval(sub):
     p.add_argument("--stride", type=positive_int, help="tokens the window advances (default: half the window)")
     p.add_argument("--max-length", type=positive_int, help="window length (default: the model's n_positions)")
     p.add_argument("--val-fraction", type=fraction, default=0.0,
-                   help="score only the last FRACTION of the file by bytes, the part `train --val-fraction` held out")
+                   help="score only the last FRACTION of the file by bytes, the part `train --val-fraction` held out "
+                        "(default 0: all of it)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored at once")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they show only on a terminal)")
     p.set_defaults(run=run_eval)
 
 

@@ -158,7 +158,12 @@ class GPT2Config:
         if self.problem_type not in PROBLEM_TYPES:
             raise InvalidInputError(f"Unknown problem_type {self.problem_type!r}; choose one of {PROBLEM_TYPES[1:]} or None.")
         if self._attn_implementation not in ATTN_IMPLEMENTATIONS:
-            raise InvalidInputError(f"Unknown attn_implementation {self._attn_implementation!r}; choose 'eager' or 'sdpa'.")
+            known = {"flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention"}
+            what = ("is one of transformers' GPU kernels, which gpt2kit does not ship"
+                    if self._attn_implementation in known else "is not an attention implementation gpt2kit knows")
+            raise InvalidInputError(f"attn_implementation={self._attn_implementation!r} {what}. The implementations "
+                                    f"here are 'sdpa' (PyTorch's scaled_dot_product_attention, which picks a flash "
+                                    f"kernel itself where the device has one) and 'eager' (explicit softmax).")
 
     # -- dict / json ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -192,8 +197,8 @@ class GPT2Config:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"{path} is not valid JSON ({e}). Re-save the config or fix the file.") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a binary file fails to decode before it fails to parse
+            raise InvalidInputError(f"{path} is not valid JSON ({e}). Re-save the config or fix the file.") from None
         if not isinstance(data, dict):
             raise InvalidInputError(f"{path} must hold a JSON object of config fields.")
         return cls.from_dict(data)

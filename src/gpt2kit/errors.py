@@ -23,6 +23,14 @@ class ContextLengthError(InvalidInputError):
     """A sequence longer than the model's n_positions (see check_context_length)."""
 
 
+class InsufficientMemoryError(GPT2KitError, MemoryError):
+    """Work that would need more memory than the device has available (refused before it starts)."""
+
+
+class NonFiniteLogitsError(GPT2KitError, RuntimeError):
+    """A model that produced NaN or infinite logits (corrupt weights, or an overflow in float16)."""
+
+
 class DeviceUnavailableError(GPT2KitError, RuntimeError):
     """A device that this machine does not have."""
 
@@ -33,6 +41,15 @@ class GPT2KitFileError(GPT2KitError, OSError):
 
 class MissingFileError(GPT2KitFileError, FileNotFoundError):
     """A file or directory that does not exist."""
+
+
+class CheckpointFileError(GPT2KitFileError):
+    """A checkpoint file (weights or training state) that cannot be read: truncated, corrupt, or not a checkpoint."""
+
+
+class UnsafeCheckpointError(GPT2KitFileError):
+    """A pickle-based file (pytorch_model.bin, training_state.pt) holding more than tensors and plain data:
+    loading it would run code named in the file, which gpt2kit never does (see torchfile.py)."""
 
 
 class NotSupportedError(GPT2KitError, NotImplementedError):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .guards import check_finite_logits
 from .outputs import GenerateBeamDecoderOnlyOutput
+from . import runner as runners
 
 NEG = -1.0e9
 
@@ -22,8 +24,6 @@ def _gather(t, idx):  # t: (B, K, ...), idx: (B, J) -> (B, J, ...)
 
 
 def beam_search(model, plan):
-    from .engine import make_runner
-
     cfg = plan.cfg
     K = cfg.num_beams
     ids = plan.input_ids  # (B*K, P)
@@ -53,12 +53,13 @@ def beam_search(model, plan):
     beam_idx = run_bi.clone()
     offsets = torch.arange(B, device=device)[:, None] * K
 
-    runner = make_runner(model, plan)
+    runner = runners.make_runner(model, plan)
     positions = plan.position_ids[:, -1] + 1
     logits = runner.prefill(ids, plan.attention_mask, plan.position_ids)
     cur = P
     while True:
         raw = logits.float()
+        check_finite_logits(raw, cur - P + 1, model.dtype)  # the loop reads flags back every step anyway
         logp = torch.log_softmax(raw, -1)
         if plan.processors:
             logp = plan.processors(run_seq[:, :, :cur].reshape(BK, cur), logp)

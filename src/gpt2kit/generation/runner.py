@@ -107,3 +107,19 @@ class ModelRunner:
 
     def final_cache(self):
         return self.cache
+
+
+def make_runner(model, plan):
+    """The runner for a generation plan (engine.Plan): the decode entry where it applies, model.forward else."""
+    B = plan.input_ids.shape[0]
+    impl = plan.cfg.cache_implementation
+    if plan.cache is not None:  # the caller's cache, already holding a prefix of the prompt
+        return ModelRunner(model, B, plan.max_length, plan.attention_mask, static=False, cache=plan.cache,
+                           past=plan.past)
+    if impl == "dynamic" or not decode_supported(model):
+        return ModelRunner(model, B, plan.max_length, plan.attention_mask, static=impl == "static")
+    if model.device.type == "cuda":  # fixed shapes, the decode step replayed from a CUDA graph
+        from .graphs import GraphRunner
+
+        return GraphRunner(model, B, plan.max_length, plan.attention_mask)
+    return DecodeRunner(model, B, plan.max_length, plan.attention_mask)
