@@ -87,7 +87,7 @@ def load_engine(state, args) -> None:
     import torch
 
     from ..cli import load_model_and_tokenizer
-    from ..training.default_model import default_model_dir
+    from ..default_model import default_model_dir
     from .chat import load_chat_template
     from .engine_requests import Limits
     from .metrics import Metrics
@@ -126,7 +126,7 @@ def run_serve(args) -> int:
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     names = args.served_model_name or [args.model if args.model is not None else DEFAULT_NAME]
-    from ..training.default_model import default_model_dir
+    from ..default_model import default_model_dir
 
     state = ServerState(served_names=names, root=args.model if args.model is not None else default_model_dir(),
                         api_key=args.api_key, max_body_bytes=args.max_body_bytes)
