@@ -214,7 +214,7 @@
     const model = $("model").value.trim();
     if (!model) throw new Error("No model name: /v1/models has not answered; type the served model's name.");
     const prompt = $("prompt").value;
-    const alts = numberSetting("alts", "Alternatives shown");
+    const alts = numberSetting("alts", "Alternatives per token");
     const top = alts === undefined ? 0 : alts;
     if (m === "score") return { model, prompt, max_tokens: 0, echo: true, logprobs: top };
     const body = { model };
@@ -272,6 +272,9 @@
     return parts;
   }
 
+  // A token as text inside the tip: line breaks and tabs drawn as signs, so every token keeps one line.
+  const label = (token) => el("span", { class: "tok", "data-token": token, text: token === "" ? "∅" : token.replace(/\n/g, "↵").replace(/\t/g, "⇥") });
+
   function chip(t, i) {
     const c = el("span", { class: "chip", tabindex: "-1", "data-i": i, "data-token": t.token }, ...visible(t.token));
     if (t.logprob === null || t.logprob === undefined) c.classList.add("none");
@@ -292,16 +295,15 @@
   function tipContent(t, scoring) {
     const rows = [];
     if (t.logprob === null || t.logprob === undefined) {
-      rows.push(el("div", { class: "head" }, el("span", { class: "tok", text: t.token }), " first token"),
+      rows.push(el("div", { class: "head" }, label(t.token), " first token"),
         el("div", { text: "Nothing comes before it, so the model gives it no probability." }));
       return rows;
     }
     const p = Math.exp(t.logprob);
-    rows.push(el("div", { class: "head" }, el("span", { class: "tok", text: t.token }),
-      ` ${pct(p)} · logprob ${t.logprob.toFixed(3)}`));
+    rows.push(el("div", { class: "head" }, label(t.token), ` ${pct(p)} · logprob ${t.logprob.toFixed(3)}`));
     if (scoring) rows.push(el("div", { class: "muted", text: `perplexity of this token e^(−logprob) = ${fmt(Math.exp(-t.logprob))}` }));
     if (!t.top.length) {
-      rows.push(el("div", { class: "muted", text: "No alternatives asked for (Alternatives shown is 0)." }));
+      rows.push(el("div", { class: "muted", text: "No alternatives asked for (Alternatives per token is 0)." }));
       return rows;
     }
     rows.push(el("div", { class: "muted", text: scoring ? "What the model expected here:" : "Top alternatives:" }));
@@ -311,7 +313,7 @@
       const bar = el("span", { class: "bar" });
       bar.style.width = `${Math.max(1, ap * 100)}%`;
       table.append(el("tr", { class: a.token === t.token ? "alt chosen" : "alt", "data-token": a.token, "data-logprob": String(a.logprob) },
-        el("td", {}, el("span", { class: "tok", text: a.token })), el("td", { class: "barcell" }, bar),
+        el("td", {}, label(a.token)), el("td", { class: "barcell" }, bar),
         el("td", { class: "p", text: pct(ap) })));
     }
     rows.push(table);
@@ -462,9 +464,13 @@
     clearInterval(r.ticker);
     document.body.dataset.state = how;
     setRunning(false);
-    if (r.mode !== "score") {
+    if (r.mode === "score") {
+      $("ttft").textContent = $("speed").textContent = "–";
+      if (r.scored !== undefined) $("context").textContent = `${r.scored}` + (contextLimit() ? ` of ${contextLimit()}` : "");
+    } else {
       for (const v of r.choices.filter(Boolean)) if (!v.finish && how !== "done") v.status.textContent = how;
       if (!r.tFirst) $("ttft").textContent = "–";
+      if (!(r.generated > r.atFirst)) $("speed").textContent = "–";
       stats(r);
     }
     const took = ms(performance.now() - r.t0);
@@ -483,7 +489,6 @@
     try { body = buildBody(m); } catch (e) { hideTip(); showError(e.message); return; }
     if (m === "score") return score(body);
     const r = startRun(m, $("prompt").value);
-    $("score").hidden = true;
     $("outputs").replaceChildren();
     if (m === "chat") {
       renderTranscript();
@@ -511,15 +516,14 @@
   // Prompt scoring: echo + max_tokens 0 + logprobs gives each prompt token's log-probability (the first: null).
   async function score(body) {
     const r = startRun("score", body.prompt);
-    $("outputs").replaceChildren();
     const box = $("score");
     box.replaceChildren();
-    box.hidden = false;
     try {
       const data = await (await call("v1/completions", body, r.controller.signal)).json();
       const toks = completionTokens(data.choices && data.choices[0] && data.choices[0].logprobs);
       if (!toks.length) throw new Error("The server's answer has no echo logprobs (choices[0].logprobs.tokens is missing).");
       renderScore(box, toks);
+      r.scored = toks.length;
       finish("done");
     } catch (e) {
       if (e.name === "AbortError") finish("stopped");
@@ -538,7 +542,7 @@
       figure("scoreTotal", "Total log-prob", total, total.toFixed(3)),
       figure("scoreMean", "Mean per token", mean, scored.length ? mean.toFixed(3) : "–"),
       figure("scorePpl", "Perplexity", Math.exp(-mean), scored.length ? fmt(Math.exp(-mean)) : "–"),
-      worst ? el("span", {}, "Most surprising ", el("span", { class: "chip", style: `--t:${shade(worst.logprob)}` }, ...visible(worst.token)),
+      worst ? el("span", {}, "Most surprising ", el("span", { class: "sample", style: `--t:${shade(worst.logprob)}` }, ...visible(worst.token)),
         ` ${pct(Math.exp(worst.logprob))}`) : null));
     const group = el("div", { class: "tokens", role: "group", "aria-label": "Prompt tokens by log-probability" });
     for (const t of toks) addChip(group, t);
@@ -551,6 +555,9 @@
     $("systemRow").hidden = m !== "chat";
     $("clearChat").hidden = m !== "chat";
     $("settings").hidden = m === "score";
+    $("views").hidden = m === "score";
+    $("outputs").hidden = m === "score";
+    $("score").hidden = m !== "score";
     $("promptLabel").textContent = { completion: "Prompt", chat: "Your message", score: "Text to score" }[m];
     $("generate").textContent = { completion: "Generate", chat: "Send", score: "Score" }[m];
     renderTranscript();

@@ -1,0 +1,163 @@
+"""Helpers of the playground tests: a real `gpt2kit serve` process, a browser tab on its page, screenshots."""
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def sync_playwright_or_skip():
+    if shutil.which("chromium") is None:
+        pytest.skip("Chromium is missing: install Debian's package with `apt-get install -y chromium` "
+                    "(.ci/run does this in CI); playwright drives that executable")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is missing: `pip install playwright` (it is in the `test` extra); "
+                    "do not run `playwright install`, the tests use Debian's chromium")
+    return sync_playwright
+
+
+def launch_chromium(p):
+    args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []  # as root (CI) it needs this
+    return p.chromium.launch(executable_path=shutil.which("chromium"), args=args)
+
+
+class Server:
+    """`python -m gpt2kit serve` on 127.0.0.1 at a free port, with the embedded default model; ready on /health."""
+
+    def __init__(self, extra_args, log_path, timeout=180):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.log_path = pathlib.Path(log_path)
+        self.log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "gpt2kit", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gpt2kit serve exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:  # refused while starting, 503 while loading
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gpt2kit serve was not healthy after {timeout} s:\n{self.log_text()}")
+            time.sleep(0.25)
+
+    def log_text(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def request(self, path, body=None, key=None):
+        """(status, parsed JSON or text) of a GET (body None) or a JSON POST."""
+        req = urllib.request.Request(self.base + path, method="GET" if body is None else "POST",
+                                     data=None if body is None else json.dumps(body).encode())
+        if body is not None:
+            req.add_header("Content-Type", "application/json")
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode()
+
+    def metric(self, suffix):
+        """Sum of the /metrics samples whose name ends with `suffix` (e.g. num_requests_running)."""
+        _, text = self.request("/metrics")
+        found = re.finditer(rf"^\S*{re.escape(suffix)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        values = [float(m.group(1)) for m in found]
+        assert values, f"/metrics has no sample named *{suffix}:\n{text[:2000]}"
+        return sum(values)
+
+    def model(self):
+        _, models = self.request("/v1/models")
+        return models["data"][0]
+
+    def pause(self):
+        """Freeze the server process (SIGSTOP), so that a stream is certainly still running while the page acts."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.resume()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Tab:
+    """A fresh browser context (its own sessionStorage) on the server's page, recording what it requests."""
+
+    def __init__(self, browser, server, **context_args):
+        self.server = server
+        self.context = browser.new_context(**context_args)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(30_000)
+        self.errors, self.requests = [], []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r))
+
+    def open(self, wait_models=True):
+        self.page.goto(self.server.base + "/")
+        if wait_models:
+            self.wait_models()
+        return self.page
+
+    def wait_models(self):
+        self.page.wait_for_function("document.getElementById('model').value !== ''")
+
+    def bodies(self, path):
+        """The JSON bodies the page POSTed to `path`, in order."""
+        return [r.post_data_json for r in self.requests if r.method == "POST" and r.url == self.server.base + path]
+
+    def wait_state(self):
+        """Wait for the run to end; its end state: done, stopped or error."""
+        self.page.wait_for_function("['done', 'stopped', 'error'].includes(document.body.dataset.state)")
+        return self.page.evaluate("document.body.dataset.state")
+
+    def close(self):
+        self.context.close()
+        assert not self.errors, f"the page threw: {self.errors}"
+
+
+def screenshot(page, folder, name):
+    """A PNG of the page, palette-reduced so the committed pictures stay small; written atomically."""
+    png = page.screenshot()
+    try:
+        from PIL import Image
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=96).save(buf, format="PNG", optimize=True)
+        png = buf.getvalue()
+    except ImportError:  # Pillow comes with matplotlib (test extra); without it the full PNG is kept
+        pass
+    tmp = folder / f".{name}.tmp"
+    tmp.write_bytes(png)
+    os.replace(tmp, folder / name)
