@@ -1,9 +1,10 @@
-"""The `gpt2kit` command: generate, train, eval.
+"""The `gpt2kit` command: generate, train, eval, serve.
 
     gpt2kit generate "Hello, I'm a language model"      # the embedded default model, offline
     gpt2kit train shakespeare.txt --preset gpt2 --out runs/gpt2-shakespeare
     torchrun --nproc_per_node 4 -m gpt2kit train ...      # data-parallel on one or more machines
     gpt2kit eval --model runs/gpt2-shakespeare notes.txt
+    gpt2kit serve runs/gpt2-shakespeare --port 8000     # an OpenAI-compatible server (serving/cli.py)
 
 Errors a person can cause (a missing model or file, a prompt too long, a bad flag value, an absent
 GPU) end the command with one line on stderr and a non-zero exit status, never a traceback.
@@ -284,6 +285,9 @@ def build_parser() -> Parser:
     add_generate(sub)
     add_train(sub)
     add_eval(sub)
+    from .serving.cli import add_serve
+
+    add_serve(sub)
     return parser
 
 
