@@ -2,18 +2,15 @@
 import io
 import json
 import os
-import pathlib
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+
+from serve_helpers import ServerProcess
 
 
 def sync_playwright_or_skip():
@@ -34,35 +31,11 @@ def launch_chromium(p):
 
 
 class Server:
-    """`python -m gpt2kit serve` on 127.0.0.1 at a free port, with the embedded default model; ready on /health."""
+    """A real `gpt2kit serve` (serve_helpers.ServerProcess) and the plain HTTP calls the playground tests make."""
 
-    def __init__(self, extra_args, log_path, timeout=180):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
-        self.log_path = pathlib.Path(log_path)
-        self.log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "gpt2kit", "serve", "--host", "127.0.0.1", "--port", str(port), *extra_args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gpt2kit serve exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:  # refused while starting, 503 while loading
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"gpt2kit serve was not healthy after {timeout} s:\n{self.log_text()}")
-            time.sleep(0.25)
-
-    def log_text(self):
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
+    def __init__(self, *args):
+        self.process = ServerProcess(*args)
+        self.base = self.process.url
 
     def request(self, path, body=None, key=None):
         """(status, parsed JSON or text) of a GET (body None) or a JSON POST."""
@@ -96,21 +69,15 @@ class Server:
 
     def pause(self):
         """Freeze the server process (SIGSTOP), so that a stream is certainly still running while the page acts."""
-        self.proc.send_signal(signal.SIGSTOP)
+        self.process.proc.send_signal(signal.SIGSTOP)
 
     def resume(self):
-        self.proc.send_signal(signal.SIGCONT)
+        self.process.proc.send_signal(signal.SIGCONT)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.resume()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        if self.process.proc.poll() is None:
+            self.resume()  # a frozen process would not act on SIGTERM
+        self.process.stop()
 
 
 class Tab:

@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from playground_helpers import Server, Tab, launch_chromium, screenshot, sync_playwright_or_skip
+from serve_helpers import wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STATIC = REPO / "src" / "gpt2kit" / "serving" / "static"
@@ -34,8 +35,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(browser, tmp_path_factory):
-    s = Server([], tmp_path_factory.mktemp("serve") / "serve.log")
+def server(browser):
+    s = Server()
     yield s
     s.stop()
 
@@ -175,10 +176,8 @@ def test_stop_mid_stream_ends_the_request_on_the_server(tab, server, shots):
         assert tab.wait_state() == "stopped", page.inner_text("#error")
     finally:
         server.resume()
-    deadline = time.monotonic() + 10
-    while server.metric("num_requests_running") != 0:
-        assert time.monotonic() < deadline, "the server still runs the request 10 s after the page stopped it"
-        time.sleep(0.05)
+    assert wait_until(lambda: server.metric("num_requests_running") == 0, timeout=10), \
+        "the server still runs the request 10 s after the page stopped it"
     generated = server.metric("generation_tokens_total") - generated_before
     assert generated < max_tokens, f"the server generated all {max_tokens} tokens although the page stopped it"
     shown = len(chips(page, "#outputs"))
@@ -303,8 +302,8 @@ def test_phone_sized_screen_by_touch_and_keyboard(browser, server, shots):
         tab.close()
 
 
-def test_api_key_is_asked_once_and_kept_in_the_tab(browser, tmp_path):
-    keyed = Server(["--api-key", API_KEY], tmp_path / "serve-key.log")
+def test_api_key_is_asked_once_and_kept_in_the_tab(browser):
+    keyed = Server("--api-key", API_KEY)
     try:
         tab = Tab(browser, keyed)
         page = tab.open(wait_models=False)
