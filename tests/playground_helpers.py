@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -128,3 +130,43 @@ def screenshot(page, folder, name):
     tmp = folder / f".{name}.tmp"
     tmp.write_bytes(png)
     os.replace(tmp, folder / name)
+
+
+class Firefox:
+    """Debian's firefox-esr, headless, driven over its own Marionette protocol (no geckodriver, no download)."""
+
+    PREFS = {  # a quiet profile: no first-run pages, no update or telemetry calls
+        "browser.shell.checkDefaultBrowser": False, "browser.startup.homepage_override.mstone": "ignore",
+        "datareporting.policy.dataSubmissionEnabled": False, "toolkit.telemetry.reportingpolicy.firstRun": False,
+        "app.update.disabledForTesting": True, "network.captive-portal-service.enabled": False,
+        "browser.safebrowsing.update.enabled": False, "extensions.update.enabled": False,
+    }
+
+    def __init__(self, profile_dir):
+        exe = shutil.which("firefox-esr") or shutil.which("firefox")
+        if exe is None:
+            pytest.skip("Firefox is missing: install Debian's package with `apt-get install -y firefox-esr`")
+        try:
+            from marionette_driver.marionette import Marionette
+        except ImportError:
+            pytest.skip("marionette-driver is missing: `pip install marionette-driver` (it is in the `test` extra)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        prefs = dict(self.PREFS, **{"marionette.port": port})
+        (profile_dir / "user.js").write_text("".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items()))
+        self.proc = subprocess.Popen([exe, "--headless", "--marionette", "--no-remote", "--profile", str(profile_dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = Marionette(host="127.0.0.1", port=port, startup_timeout=120)
+        self.client.start_session()
+
+    def close(self):
+        try:
+            self.client.delete_session()
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
