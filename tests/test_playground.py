@@ -116,7 +116,7 @@ def test_assets_are_small_local_and_served(tab, server, shots):
 def test_greedy_completion_streams_the_api_text_and_the_token_view_shows_its_logprobs(tab, server, shots):
     page = tab.open()
     page.fill("#prompt", "ROMEO:\nWhat light")
-    page.fill("#max_tokens", "12")
+    page.fill("#max_tokens", "20")
     page.fill("#temperature", "0")
     page.fill("#alts", "4")
     # Count the pieces the text arrives in, to see that it streams in rather than lands at once.
@@ -126,7 +126,7 @@ def test_greedy_completion_streams_the_api_text_and_the_token_view_shows_its_log
     page.click("#generate")
     assert tab.wait_state() == "done", page.inner_text("#error")
     [sent] = tab.bodies("/v1/completions")
-    assert sent["stream"] is True and sent["temperature"] == 0 and sent["max_tokens"] == 12 and sent["logprobs"] == 4
+    assert sent["stream"] is True and sent["temperature"] == 0 and sent["max_tokens"] == 20 and sent["logprobs"] == 4
     status, api = server.request("/v1/completions", unstreamed(sent))
     assert status == 200, api
     choice = api["choices"][0]
@@ -146,7 +146,7 @@ def test_greedy_completion_streams_the_api_text_and_the_token_view_shows_its_log
         page.hover(f"#outputs .tokens .chip[data-i='{i}']")
         assert_tip_shows(page, token, lp["token_logprobs"][i], by_logprob(lp["top_logprobs"][i]))
     page.evaluate("window.scrollTo(0, 0)")
-    page.hover("#outputs .tokens .chip[data-i='2']")
+    page.hover("#outputs .tokens .chip[data-i='7']")
     screenshot(page, shots, "tokens.png")
     page.focus("#outputs .tokens .chip[data-i='0']")  # by keyboard: the arrow moves to the next chip, the tip follows
     page.keyboard.press("ArrowRight")
@@ -160,12 +160,13 @@ def test_stop_mid_stream_ends_the_request_on_the_server(tab, server, shots):
     _, counted = server.request("/tokenize", {"model": model["id"], "prompt": "ROMEO:\n"})
     max_tokens = model["max_model_len"] - counted["count"]  # the longest stream the context allows
     page.fill("#max_tokens", str(max_tokens))
-    page.fill("#temperature", "0")
+    page.fill("#temperature", "0.9")  # sampled (seeded): the picture shows tokens of all likelihoods
+    page.fill("#seed", "7")
     page.check("#ignore_eos")
     page.check("input[name=view][value=tokens]")
     generated_before = server.metric("generation_tokens_total")
     page.click("#generate")
-    page.wait_for_selector("#outputs .tokens .chip[data-i='1']")
+    page.wait_for_selector("#outputs .tokens .chip[data-i='24']")
     # Freeze the server while the page shows the stream and the user presses Stop: however fast the server,
     # the request is still running when it is stopped.
     server.pause()
@@ -181,7 +182,7 @@ def test_stop_mid_stream_ends_the_request_on_the_server(tab, server, shots):
     generated = server.metric("generation_tokens_total") - generated_before
     assert generated < max_tokens, f"the server generated all {max_tokens} tokens although the page stopped it"
     shown = len(chips(page, "#outputs"))
-    assert 2 <= shown <= generated
+    assert 25 <= shown <= generated
     time.sleep(0.3)
     assert len(chips(page, "#outputs")) == shown  # nothing arrives after Stop
     assert page.inner_text("#runState").startswith("Stopped")
@@ -237,6 +238,12 @@ def test_server_errors_are_shown_in_words(tab, server, shots):
     status, api = server.request("/v1/completions", tab.bodies("/v1/completions")[-1])
     assert 400 <= status < 500, api
     assert api["error"]["message"] in page.inner_text("#error")
+    page.fill("#temperature", "0")  # a model the server does not serve
+    page.fill("#model", "no-such-model")
+    page.click("#generate")
+    assert tab.wait_state() == "error"
+    status, api = server.request("/v1/completions", tab.bodies("/v1/completions")[-1])
+    assert status == 404 and api["error"]["message"] in page.inner_text("#error") and "HTTP 404" in page.inner_text("#error")
 
 
 def test_chat_streams_the_api_reply_and_keeps_the_conversation(tab, server):
@@ -327,9 +334,13 @@ def test_api_key_is_asked_once_and_kept_in_the_tab(browser):
         page.reload()  # the same tab keeps the key: not asked again
         tab.wait_models()
         assert not page.is_visible("#keyDialog")
-        tab.close()
-        tab = Tab(browser, keyed)  # another tab asks again
-        tab.open(wait_models=False).wait_for_selector("#keyDialog[open]")
+        other = Tab(browser, keyed)  # another tab asks again
+        other.open(wait_models=False).wait_for_selector("#keyDialog[open]")
+        other.close()
+        keyed.stop()  # a server that is gone is said so
+        page.click("#generate")
+        assert tab.wait_state() == "error"
+        assert page.inner_text("#error").startswith("Could not reach the server")
         tab.close()
     finally:
         keyed.stop()
