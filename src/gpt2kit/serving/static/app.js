@@ -509,7 +509,8 @@
   function renderTranscript() {
     const t = $("transcript");
     t.replaceChildren(...history.map((turn) => el("div", { class: `turn ${turn.role}` },
-      el("div", { class: "who", text: turn.role === "user" ? "you" : turn.role }), el("div", { class: "said", text: turn.content }))));
+      el("div", { class: "who", text: turn.role === "user" ? "you" : turn.role }), turn.content
+        ? el("div", { class: "said", text: turn.content }) : el("div", { class: "said muted", text: "(an empty reply)" }))));
     t.hidden = mode() !== "chat" || !history.length;
   }
 
