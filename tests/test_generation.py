@@ -123,13 +123,13 @@ def test_finished_rows_leave_the_batch(sdpa_pair, monkeypatch):
     ids, mask = prompts(batch=4)
     eos = eos_that_fires(hf, ids, mask, step=1, row=0)
     sizes = []
-    real_step = runner_mod.FastRunner.step
+    real_step = runner_mod.DecodeRunner.step
 
     def counting_step(self, tokens, positions):
         sizes.append(tokens.shape[0])
         return real_step(self, tokens, positions)
 
-    monkeypatch.setattr(runner_mod.FastRunner, "step", counting_step)
+    monkeypatch.setattr(runner_mod.DecodeRunner, "step", counting_step)
     a, b = both(hf, ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(a, b)
     assert sizes[0] == 4 and min(sizes) < 4, sizes  # the finished row stopped costing compute
@@ -200,8 +200,9 @@ def test_default_length_and_argument_errors(sdpa_pair):
 
 
 def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
-    """bf16 weights: the fast runner (oneDNN-packed weights) gives the tokens of the plain model forward."""
-    from gpt2kit.generation import runner
+    """bf16 weights: the decode entry (oneDNN-packed weights, or a float32 copy on a CPU without native bf16)
+    gives the tokens of the plain model forward, and the packed copies follow in-place weight edits."""
+    from gpt2kit.model import linear, onednn
 
     _, ours = sdpa_pair
     ids, mask = prompts()
@@ -209,33 +210,36 @@ def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
     m16.load_state_dict(ours.state_dict())
     m16.to(torch.bfloat16)
     fast = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    proj = m16.transformer.h[0].attn.c_attn
+    if onednn.linear_available():
+        assert proj.last_path == (linear.PACKED if onednn.bf16_available() else linear.WIDENED)
+        assert m16.lm_head.last_path == proj.last_path
     plain = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cache_implementation="dynamic")
     assert torch.equal(fast, plain)
-    packs = runner.packed_weights(m16)
-    if packs is not None:  # the packed copies follow in-place weight edits
+    if onednn.linear_available():
+        packed = m16.lm_head._pack[2]
         with torch.no_grad():
-            m16.lm_head.weight.mul_(1.5)
-        assert runner.packed_weights(m16) is not packs
+            m16.lm_head.weight.mul_(1.5)  # bumps the version: the next decode repacks
+        m16.generate(ids[:1], max_new_tokens=2, pad_token_id=0)
+        assert m16.lm_head._pack[2] is not packed
 
 
 def test_packed_weights_follow_the_row_hint(sdpa_pair):
-    """One packed layout per model: asking for another row hint rebuilds it, a lookup takes any layout, and a
-    float32 batch decoded from a 32-row layout gives the tokens of a 1-row layout."""
-    from gpt2kit.generation import runner
+    """Each projection owns one packed layout: a batch of 5 lays float32 weights out for 32 rows, batch 1 for
+    one row, and the two give the same tokens."""
+    from gpt2kit.model import linear, onednn
 
     _, ours = sdpa_pair
-    p32 = runner.packed_weights(ours, rows_hint=32)
-    if p32 is None:
+    if not onednn.linear_available():
         pytest.skip("this torch build has no oneDNN linear")
-    assert runner.packed_weights(ours, rows_hint=32) is p32
-    assert runner.packed_weights(ours, build=False, rows_hint=1) is p32  # a lookup does not throw it away
     ids, mask = prompts(batch=5, length=9, seed=3)
     kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     wide = ours.generate(ids, **kw)  # batch 5: the 32-row layout
-    p1 = runner.packed_weights(ours, rows_hint=1)
-    assert p1 is not p32
+    fc = ours.transformer.h[0].mlp.c_fc
+    assert fc.last_path == linear.PACKED and fc._pack[1] == 32
     rows = [ours.generate(ids[i:i + 1, int((mask[i] == 0).sum()):], max_new_tokens=10, pad_token_id=0)
             for i in range(ids.shape[0])]  # batch 1, unpadded: the 1-row layout
+    assert fc._pack[1] == 1
     for i, r in enumerate(rows):
         assert torch.equal(wide[i, -10:], r[0, -10:])
 

@@ -110,17 +110,21 @@ def test_bfloat16_inference_fast_path_agrees_with_plain_path():
     """bf16 inference runs projections through oneDNN's fused linear (bias + GELU in the GEMM) where the CPU
     supports it; with autograd on it takes the plain addmm path. Both must agree with float32 within bf16's
     precision, and float32 never takes the fused path (it stays exact)."""
-    from gpt2kit.model import layers
+    from gpt2kit.model import linear, onednn
 
     hf, m = twin(GPT2LMHeadModel, transformers.GPT2LMHeadModel, attn="sdpa")
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    fc = m.transformer.h[0].mlp.c_fc
     with torch.no_grad():
         f32 = m(ids).logits
-        assert not layers.use_onednn(torch.zeros(2, 2), m.transformer.h[0].mlp.c_fc.weight)
+        assert fc.last_path == linear.ADDMM  # 18 float32 rows: the reference's own products
     m = m.to(torch.bfloat16)
     with torch.no_grad():
         fused = m(ids).logits.float()
+        if onednn.linear_available():  # native bf16: oneDNN with the GELU fused; without: the float32 copy
+            assert fc.last_path == (linear.ONEDNN if onednn.bf16_available() else linear.WIDENED)
     plain = m(ids).logits.float()  # grad enabled: addmm and the explicit GELU formula
+    assert fc.last_path == linear.ADDMM
     scale = f32.abs().max().item()
     for got in (fused, plain):
         assert (got - f32).abs().max().item() < 0.03 * scale

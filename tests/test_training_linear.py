@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt2kit.model import linear
+from gpt2kit.model.linear import Projection
 from gpt2kit.model.onednn import linear_available as onednn_linear_available
-from gpt2kit.model.training_linear import training_linear, use_training_linear
 from gpt2kit.training import loss as loss_mod
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear")
@@ -16,32 +17,38 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this to
 @pytest.mark.parametrize("rows,d_in,d_out", [(7, 16, 48), (300, 64, 96)])
 def test_training_linear_matches_addmm_and_its_gradients(rows, d_in, d_out, bias):
     torch.manual_seed(0)
+    proj = Projection(d_in, d_out, bias=bias)
+    with torch.no_grad():
+        proj.weight.normal_()  # [in, out], GPT-2's layout
+        if bias:
+            proj.bias.normal_()
     x = torch.randn(rows, d_in, requires_grad=True)
-    w = torch.randn(d_in, d_out, requires_grad=True)  # [in, out], GPT-2's layout
-    b = torch.randn(d_out, requires_grad=True) if bias else None
     g = torch.randn(rows, d_out)
-    assert use_training_linear(x, w)
-    y = training_linear(x, w, b)
+    y = proj(x)
+    assert proj.last_path == linear.TRAIN  # the oneDNN training path really ran
     y.backward(g)
-    ours = [y.detach()] + [p.grad.clone() for p in (x, w, b) if p is not None]
-    for p in (x, w, b):
-        if p is not None:
-            p.grad = None
-    y_ref = torch.addmm(b, x, w) if bias else x @ w
+    params = [x, proj.weight] + ([proj.bias] if bias else [])
+    ours = [y.detach()] + [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    y_ref = torch.addmm(proj.bias, x, proj.weight) if bias else x @ proj.weight
     y_ref.backward(g)
-    ref = [y_ref.detach()] + [p.grad for p in (x, w, b) if p is not None]
+    ref = [y_ref.detach()] + [p.grad for p in params]
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6 * rows)  # sums of `rows` products, another order
 
 
 def test_training_linear_is_used_only_where_it_applies():
+    proj = Projection(8, 3)
     x = torch.randn(4, 8, requires_grad=True)
-    w = torch.randn(8, 3, requires_grad=True)
     with torch.no_grad():
-        assert not use_training_linear(x, w)  # inference keeps addmm (bit for bit the reference's)
-    assert not use_training_linear(x.detach().bfloat16(), w.detach().bfloat16())
+        proj(x)
+        assert proj.last_path == linear.ADDMM  # inference keeps addmm (bit for bit the reference's)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not use_training_linear(x, w)  # autocast's own bf16 products
+        proj(x)
+        assert proj.last_path == linear.ADDMM  # autocast's own bf16 products
+    proj(x)
+    assert proj.last_path == linear.TRAIN
 
 
 @pytest.mark.parametrize("limit", [None, 0])  # one weight-gradient GEMM at the end / one per chunk

@@ -46,6 +46,6 @@ def check_context_length(prompt_tokens: int, new_tokens: int, n_positions: int, 
                                  f"{n_positions} tokens (n_positions). Shorten the prompt.")
     if prompt_tokens + new_tokens > n_positions:
         raise ContextLengthError(
-            f"The prompt ({prompt_tokens} tokens) plus {what} ({new_tokens}) is {prompt_tokens + new_tokens} tokens, "
-            f"beyond this model's n_positions={n_positions} (its longest sequence). Shorten the prompt or ask for at "
-            f"most {max(n_positions - prompt_tokens, 0)} new tokens.")
+            f"The sequence would be {prompt_tokens + new_tokens} tokens long ({prompt_tokens} in the prompt or cache + "
+            f"{new_tokens} {what}), beyond this model's n_positions={n_positions} (its longest sequence). Shorten the "
+            f"prompt or ask for at most {max(n_positions - prompt_tokens, 0)} new tokens.")

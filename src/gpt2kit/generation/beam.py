@@ -114,7 +114,7 @@ def beam_search(model, plan):
         go_on = bool(improvable.any()) and not (early is True and bool(finished.all())) and not bool(hits.all())
         if not go_on:
             break
-        runner.select(run_bi[:, :, cur - 1 - P].reshape(BK))
+        runner.reorder(run_bi[:, :, cur - 1 - P].reshape(BK))
         logits = runner.step(run_seq[:, :, cur - 1].reshape(BK), positions)
         positions = positions + 1
 

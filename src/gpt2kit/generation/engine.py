@@ -16,7 +16,7 @@ import torch
 from .config import GenerationConfig
 from .logits import build_processors
 from .outputs import GenerateDecoderOnlyOutput
-from .runner import FastRunner, ModelRunner, fast_path_supported
+from .runner import DecodeRunner, ModelRunner, decode_supported
 from .stopping import StoppingCriteriaList, StopStringCriteria
 from ..errors import InvalidInputError, InvalidArgumentError
 
@@ -176,13 +176,13 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
 def make_runner(model, plan: Plan):
     B = plan.input_ids.shape[0]
     impl = plan.cfg.cache_implementation
-    if impl == "dynamic" or not fast_path_supported(model):
+    if impl == "dynamic" or not decode_supported(model):
         return ModelRunner(model, B, plan.max_length, plan.attention_mask, static=impl == "static")
     if model.device.type == "cuda":  # fixed shapes, the decode step replayed from a CUDA graph
         from .graphs import GraphRunner
 
         return GraphRunner(model, B, plan.max_length, plan.attention_mask)
-    return FastRunner(model, B, plan.max_length, plan.attention_mask)
+    return DecodeRunner(model, B, plan.max_length, plan.attention_mask)
 
 
 @torch.no_grad()
@@ -276,7 +276,7 @@ def sample_or_greedy(model, plan: Plan):
                 break
             if can_drop and n_left < unfinished.numel():
                 keep = unfinished.nonzero().squeeze(1)
-                runner.select(keep)
+                runner.keep_rows(keep)
                 seq, rows, unfinished, positions = seq[keep], rows[keep], unfinished[keep], positions[keep]
                 for p in plan.processors:
                     if hasattr(p, "select_rows"):

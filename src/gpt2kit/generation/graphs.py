@@ -2,80 +2,57 @@
 (gpt-fast's approach): on a GPU one small-batch step is hundreds of tiny kernel launches, and a replay
 issues them all at once.
 
-Fixed shapes: the step attends over the whole preallocated cache through a key mask (B, 1, 1, L) that marks
-the positions each row may see, and writes its new key and value at a position held in a device tensor,
-so the same captured kernels serve every step. The batch size stays fixed (finished rows keep decoding pad
-tokens, as in the reference); beams are reordered in place.
+Fixed shapes: the cache is a fixed-shape StaticCache (every attention reads the whole buffer through the
+cache's own mask of valid positions), and the step's inputs (tokens, positions, the cache position it
+writes) live in device tensors at fixed addresses, so the same captured kernels serve every step. The batch
+size stays fixed (finished rows keep decoding pad tokens, as in the reference); beams are reordered in place.
 
-NOT YET RUN ON A GPU: this session had no GPU machine. The fixed-shape step is tested on the CPU
-(tests/test_generation.py runs it uncaptured against transformers); a capture that fails falls back to
-the uncaptured step with a warning.
+NOT YET RUN ON A GPU: no GPU machine was lent to the sessions that wrote it. The fixed-shape step is tested
+on the CPU (tests/test_generation.py runs it uncaptured against transformers); a capture that fails falls
+back to the uncaptured step with a warning.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from ..model.layers import additive, eager_attention
-from .runner import FastRunner
+from ..model.cache import StaticCache
+from .runner import DecodeRunner, _KeyMask
 
 
-class GraphRunner(FastRunner):
+class GraphRunner(DecodeRunner):
     fixed_batch = True
 
     def __init__(self, model, batch: int, max_len: int, attention_mask, capture: bool | None = None):
-        super().__init__(model, batch, max_len, attention_mask)
-        for buf in self.cache.key_cache + self.cache.value_cache:  # read in full (masked): no garbage, no NaN
-            buf.zero_()
+        self.model = model
         dev = model.device
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)  # keys each row may see
-        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)  # the step's inputs, fixed addresses
-        self.pos = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.cache = StaticCache(model.config, max_batch_size=batch, max_cache_len=max_len, device=dev,
+                                 dtype=model.dtype, fixed_shape=True)
+        self.keys = _KeyMask(batch, max_len, attention_mask, dev)  # read by the prefill only: the cache keeps it
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # the step's inputs, fixed addresses
+        self.pos = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.at = torch.zeros(1, dtype=torch.long, device=dev)  # the cache position the step writes
         self.capture = dev.type == "cuda" if capture is None else capture
         self.graph, self.out = None, None
 
-    def prefill(self, input_ids, attention_mask, position_ids):
-        logits = super().prefill(input_ids, attention_mask, position_ids)
-        T = input_ids.shape[1]
-        self.valid[:, :T] = attention_mask.bool() if attention_mask is not None else True
-        return logits
-
     def _fixed_step(self):
-        body, H, D = self.body, self.H, self.D
-        x = body.wte(self.tok) + body.wpe(self.pos)  # (B, C)
-        B, C = x.shape
-        mask = self.valid[:, None, None, :]  # (B, 1, 1, L)
-        if self.eager:
-            mask = additive(mask, x.dtype)
-        for i, blk in enumerate(body.h):
-            attn = blk.attn
-            qkv = self._linear(attn.c_attn, blk.ln_1(x)).view(B, 3, H, D)
-            kc, vc = self.cache.key_cache[i], self.cache.value_cache[i]
-            kc.index_copy_(2, self.at, qkv[:, 1, :, None])
-            vc.index_copy_(2, self.at, qkv[:, 2, :, None])
-            q = qkv[:, 0, :, None]  # (B, H, 1, D)
-            if self.eager:
-                y = eager_attention(q, kc, vc, mask, attn.scaling, 0.0, attn.upcast)[0]
-            else:
-                y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=attn.scaling)
-            x = x + self._linear(attn.c_proj, y.reshape(B, C))
-            x = x + blk.mlp(blk.ln_2(x))
-        return self.logits(body.ln_f(x))
+        return self.model.decode(self.tok, self.cache, position_ids=self.pos, cache_position=self.at)[:, -1]
 
     def _capture(self):
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
+            n = self.cache.lengths[0]
             with torch.cuda.stream(side):  # warm-up; it writes only position n, which the replay rewrites
                 for _ in range(2):
                     self._fixed_step()
+                    self.cache.set_lengths(n)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.out = self._fixed_step()
+            self.cache.set_lengths(n)
             self.graph = graph
         except Exception as e:  # noqa: BLE001 - any capture failure: decode uncaptured instead
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
@@ -84,11 +61,10 @@ class GraphRunner(FastRunner):
 
     @torch.no_grad()
     def step(self, tokens, positions):
-        n = self.n
-        self.tok.copy_(tokens)
-        self.pos.copy_(positions)
+        n = self.cache.lengths[0]
+        self.tok.copy_(tokens[:, None])
+        self.pos.copy_(positions[:, None])
         self.at.fill_(n)
-        self.valid[:, n] = True
         if self.capture and self.graph is None:
             self._capture()
         if self.graph is not None:
@@ -96,12 +72,11 @@ class GraphRunner(FastRunner):
             logits = self.out.clone()  # the next replay overwrites self.out
         else:
             logits = self._fixed_step()
-        self.n = n + 1
+        self.cache.set_lengths(n + 1)
         return logits
 
-    def select(self, rows):
-        if rows.numel() != self.valid.shape[0]:
-            raise RuntimeError("GraphRunner keeps a fixed batch; rows cannot leave it.")
-        self.valid.copy_(self.valid.index_select(0, rows))
-        for buf in self.cache.key_cache + self.cache.value_cache:  # in place: the graph holds these addresses
-            buf.copy_(buf.index_select(0, rows))
+    def keep_rows(self, rows):
+        raise RuntimeError("GraphRunner keeps a fixed batch; rows cannot leave it.")
+
+    def reorder(self, rows):  # in place: the graph holds these addresses
+        self.cache.reorder_cache(rows)

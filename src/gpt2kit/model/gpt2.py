@@ -13,7 +13,7 @@ from ..config import GPT2Config
 from .cache import Cache, DynamicCache, StaticCache
 from .layers import Block, Projection
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
-from ..errors import InvalidInputError, InvalidArgumentError
+from ..errors import InvalidArgumentError, InvalidInputError, check_context_length
 
 
 class GPT2PreTrainedModel(nn.Module):
@@ -100,7 +100,7 @@ class GPT2PreTrainedModel(nn.Module):
         self.base_model.wte = new
         head = self.get_output_embeddings()
         if head is not None and not self.config.tie_word_embeddings:
-            new_head = nn.Linear(head.in_features, n, bias=head.bias is not None, device=old.device, dtype=head.weight.dtype)
+            new_head = type(head)(head.in_features, n, bias=head.bias is not None, device=old.device, dtype=head.weight.dtype)
             nn.init.normal_(new_head.weight, mean=0.0, std=self.config.initializer_range)
             new_head.weight.data[:keep] = head.weight.data[:keep]
             if mean_resizing and n > keep:
@@ -313,9 +313,7 @@ class GPT2Model(GPT2PreTrainedModel):
         past = cache_obj.get_seq_length() if cache_obj is not None else 0
 
         if position_ids is None:
-            if past + T > cfg.n_positions:
-                raise InvalidInputError(f"The sequence would be {past + T} tokens long ({past} cached + {T} new), but this model "
-                                 f"has n_positions={cfg.n_positions} position embeddings. Shorten the input.")
+            check_context_length(past, T, cfg.n_positions, what="new tokens")
             position_ids = torch.arange(past, past + T, device=device)[None]  # (1, T)
         else:
             position_ids = position_ids.reshape(-1, T)
@@ -337,9 +335,14 @@ class GPT2Model(GPT2PreTrainedModel):
         S = past + T
         if isinstance(cache_obj, StaticCache) and cache_obj.fixed_shape:
             S = cache_obj.max_cache_len
-        if cache_position is None and isinstance(cache_obj, StaticCache) and cache_obj.fixed_shape:
-            cache_position = torch.arange(past, past + T, device=device)
         mask, is_causal = self_attention_mask(attention_mask, B, T, past, S, device)
+        plan = None
+        if isinstance(cache_obj, StaticCache) and (mask is None or mask.dtype == torch.bool):
+            # one plan for every layer: where the keys go and what each query may read
+            if cache_obj.max_batch_size != B:
+                raise InvalidInputError(f"StaticCache was built for batch size {cache_obj.max_batch_size}, got {B}.")
+            key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            plan = cache_obj.plan(T, key_mask=key_mask, cache_position=cache_position)
         enc_mask = None
         if encoder_hidden_states is not None:
             enc_mask = encoder_mask_4d(encoder_attention_mask)
@@ -352,11 +355,13 @@ class GPT2Model(GPT2PreTrainedModel):
                 hidden_states += (x,)
             x, probs, cross_probs = block(x, cache=cache_obj, cache_position=cache_position, mask=mask,
                                           is_causal=is_causal, encoder_hidden_states=encoder_hidden_states,
-                                          encoder_mask=enc_mask, output_attentions=output_attentions)
+                                          encoder_mask=enc_mask, output_attentions=output_attentions, plan=plan)
             if output_attentions:
                 attentions += (probs,)
                 if cross_attentions is not None:
                     cross_attentions += (cross_probs,)
+        if plan is not None:
+            cache_obj.commit(plan)
         x = self.ln_f(x)
         x = x.view(*input_shape, x.shape[-1])
         if output_hidden_states:
@@ -370,3 +375,21 @@ class GPT2Model(GPT2PreTrainedModel):
             cross_attentions=cross_attentions,
         )
         return out if return_dict else out.to_tuple()
+
+    def decode(self, input_ids, cache: StaticCache, rows=None, position_ids=None, key_mask=None, cache_position=None,
+               last: int | None = 1):
+        """The lean forward of generation and serving: (B, T) new tokens per row -> final hidden states
+        (B, last or T, C). Each row writes its keys/values into its own slot of `cache` after what the slot
+        holds and attends over that slot only; see GPT2LMHeadModel.decode."""
+        B, T = input_ids.shape
+        plan = cache.plan(T, rows, key_mask, cache_position)
+        if position_ids is None:
+            check_context_length(max(plan.starts), T, self.config.n_positions, what="new tokens")
+            start = torch.tensor(plan.starts, device=input_ids.device)[:, None]  # (B, 1)
+            position_ids = start + torch.arange(T, device=input_ids.device)  # (B, T)
+        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        final = len(self.h) - 1
+        for i, block in enumerate(self.h):
+            x = block(x, cache=cache, plan=plan, last=last if i == final else None)[0]
+        cache.commit(plan)
+        return self.ln_f(x)

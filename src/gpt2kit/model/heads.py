@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import linear
 from .gpt2 import GPT2Model, GPT2PreTrainedModel
+from .linear import LMHead
 from .outputs import (CausalLMOutputWithCrossAttentions, GPT2DoubleHeadsModelOutput, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast, TokenClassifierOutput)
 from .summary import SequenceSummary
@@ -36,8 +38,28 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
+
+    @torch.no_grad()
+    def decode(self, input_ids, cache, rows=None, position_ids=None, logits_to_keep: int = 1, *, key_mask=None,
+               cache_position=None, rows_hint: int | None = None):
+        """The lean forward for generation and serving: no output objects, no flags, logits only where asked.
+
+        input_ids: (B, T) token ids; cache: a StaticCache with at least B slots; rows: (B,) slot indices
+        (None: slots 0..B-1 of a cache built for B). Row b appends its T tokens after the positions its slot
+        holds and attends causally over that slot only, so rows at different lengths decode in one step.
+        position_ids: (B, T), default each slot's length + 0..T-1. key_mask: (B, >= length after the write)
+        0/1, the keys each row may see (a left-padded prompt's padding is 0). cache_position: (T,) device
+        positions for a fixed-shape cache (CUDA graphs). rows_hint: the row count packed weights are laid out
+        for (default: by B; a server passes a fixed one so that batch-size changes do not repack).
+        Returns float32 logits (B, logits_to_keep, V) (logits_to_keep=0: all T) and advances the slots."""
+        B, T = input_ids.shape
+        keep = None if logits_to_keep == 0 else min(logits_to_keep, T)
+        hint = rows_hint if rows_hint is not None else linear.pack_rows_hint(self.dtype, B)
+        with linear.decoding(hint, pack=linear.packable_bytes(self) <= linear.PACK_LIMIT_BYTES):
+            h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep)
+            return self.lm_head(h).float()  # (B, keep or T, V)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None, use_cache=None,
@@ -89,7 +111,7 @@ class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
         super().__init__(config)
         config.num_labels = 1
         self.transformer = GPT2Model(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size, bias=False)
         self.multiple_choice_head = SequenceSummary(config)
         self.post_init()
 

@@ -11,103 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
-from .cache import Cache
-from .training_linear import training_linear, use_training_linear
+from .cache import Cache, SlotWrite, causal_mask
+from .linear import ACTIVATIONS, Projection, check_activation  # noqa: F401 - ACTIVATIONS re-exported
 from ..errors import InvalidInputError
-
-
-class Projection(nn.Module):
-    """y = x @ W + b with W stored [in, out], the layout of GPT-2's checkpoints ("Conv1D").
-
-    Kept in this layout on purpose: on CPU a batch-1 `x @ W` over a 768-wide [in, out] matrix reads it
-    faster than `F.linear` over [out, in] (DESIGN.md, measured), and checkpoints load without a transpose.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        shape = x.shape[:-1] + (self.out_features,)
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        if use_onednn(x2, self.weight):  # bias (and activation) fused into the bf16 GEMM
-            algorithm = {"gelu_tanh": "tanh", "gelu_erf": "none"}.get(activation, "")
-            attr = "gelu" if activation.startswith("gelu") else activation
-            return torch.ops.mkldnn._linear_pointwise(x2, self.weight.t(), self.bias, attr, [], algorithm).view(shape)
-        if use_training_linear(x2, self.weight):  # float32 training on CPU: oneDNN forward and backward
-            y = training_linear(x2, self.weight, self.bias)
-        else:
-            y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
-        if activation != "none":
-            y = ACTIVATIONS[ONEDNN_ACTIVATIONS_INV[activation]](y)
-        return y.view(shape)  # (..., out)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, layout=[in, out]"
-
-
-def _gelu_new(x):  # OpenAI's tanh approximation, written out as the reference does
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-ACTIVATIONS = {
-    "gelu_new": _gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
-    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "mish": F.mish,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "linear": lambda x: x,
-}
-
-
-# activations oneDNN can fuse into a GEMM epilogue, by our name -> its name (gelu_new is the tanh approximation)
-ONEDNN_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                      "gelu": "gelu_erf", "gelu_python": "gelu_erf", "relu": "relu"}
-ONEDNN_ACTIVATIONS_INV = {"gelu_tanh": "gelu_pytorch_tanh", "gelu_erf": "gelu", "relu": "relu"}
-
-
-FUSED_F32_MIN_ROWS = 256  # float32 takes the fused path only for prefill-sized inputs (see use_onednn)
-
-
-def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether to run a projection through oneDNN's fused linear (bias + activation in the GEMM epilogue).
-
-    Inference on CPU only (the op has no autograd formula). Measured on GPT-2 small's shapes, 1 x 1024 tokens:
-    - bfloat16 (needs native bf16 support): the fused op takes 50 ms where addmm plus a separate tanh-GELU
-      take 76 ms; GPT-2's five-op GELU formula alone costs a third of a bf16 forward.
-    - float32: only from FUSED_F32_MIN_ROWS rows on (prefill), where it is faster; it sums in another order
-      than addmm (~1e-6 relative). Shorter inputs and decode steps keep addmm and the explicit GELU formula,
-      bit for bit the reference's.
-    """
-    if x.device.type != "cpu" or weight.dtype != x.dtype:
-        return False
-    if x.dtype == torch.float32:
-        if x.shape[0] < FUSED_F32_MIN_ROWS:
-            return False
-    elif x.dtype != torch.bfloat16:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return onednn.linear_available() and onednn.bf16_available()
-
-
-def get_activation(name: str):
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise InvalidInputError(f"Unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}.") from None
 
 
 def eager_attention(q, k, v, mask, scaling: float, dropout: float, upcast: bool):
@@ -134,6 +40,26 @@ def eager_attention(q, k, v, mask, scaling: float, dropout: float, upcast: bool)
     if dropout > 0:
         probs = F.dropout(probs, p=dropout, training=True)
     return torch.matmul(probs, v), probs  # (B, H, T, D), (B, H, T, S)
+
+
+def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, upcast: bool, eager: bool):
+    """The one attention switch, used by every path: eager (explicit softmax, probabilities returned; the
+    Mistral-style upcast applies here only, as in transformers) or PyTorch's SDPA.
+
+    q: (B, H, T, D); k, v: (B, H, S, D); mask: None, bool (True = attend) or additive, broadcastable to
+    (B, 1, T, S); is_causal: T queries at the last T of S positions, nothing else hidden."""
+    T, S = q.shape[-2], k.shape[-2]
+    if eager:
+        if mask is None and is_causal:
+            mask = causal_additive_mask(T, S, q.dtype, q.device)
+        elif mask is not None:
+            mask = additive(mask, q.dtype)
+        return eager_attention(q, k, v, mask, scaling, dropout, upcast)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                       is_causal=is_causal and mask is None and T > 1, scale=scaling)
+    return y, None
 
 
 class Attention(nn.Module):
@@ -167,7 +93,10 @@ class Attention(nn.Module):
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
     def forward(self, x, *, cache: Cache | None = None, cache_position=None, mask=None, is_causal=False,
-                encoder_hidden_states=None, output_attentions=False):
+                encoder_hidden_states=None, output_attentions=False, plan: SlotWrite | None = None,
+                last: int | None = None):
+        """x: (B, T, C). With `plan` (model.decode), keys/values go into a StaticCache as planned and the mask
+        comes from the plan; `last`: only the last `last` queries are computed (keys and values for all T)."""
         B, T, C = x.shape
         if self.is_cross_attention:
             q = self._heads(self.q_attn(x))
@@ -176,22 +105,22 @@ class Attention(nn.Module):
         else:
             q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
             q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
-            if cache is not None:
+            if plan is not None:
+                k, v = cache.write(self.layer_idx, k, v, plan)  # (B, H, S, D)
+                mask, is_causal = plan.mask, plan.is_causal
+            elif cache is not None:
                 k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, H, S, D)
+        if last is not None and last < T:  # the final block of model.decode: only the last queries go on
+            q = q[:, :, -last:]  # (B, H, last, D)
+            if mask is not None:
+                mask = mask[..., -last:, :]
+            elif is_causal:
+                mask, is_causal = causal_mask(k.shape[-2] - T, T, k.shape[-2], q.device)[-last:][None, None], False
+            T = last
         dropout = self.attn_dropout.p if self.training else 0.0
-        backend = self.config._attn_implementation
-        if output_attentions or backend == "eager":
-            if mask is None and is_causal:  # eager needs the causal mask spelled out
-                mask = causal_additive_mask(T, k.shape[-2], q.dtype, q.device)
-            elif mask is not None:
-                mask = additive(mask, q.dtype)
-            y, probs = eager_attention(q, k, v, mask, self.scaling, dropout, self.upcast)
-        else:
-            if mask is not None and mask.dtype != torch.bool:
-                mask = mask.to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=is_causal and mask is None, scale=self.scaling)
-            probs = None
+        eager = output_attentions or self.config._attn_implementation == "eager"
+        y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
+                          eager=eager)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         y = self.resid_dropout(self.c_proj(y))
         return y, probs
@@ -215,22 +144,14 @@ def causal_additive_mask(T: int, S: int, dtype, device):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
+        check_activation(config.activation_function)
         self.c_fc = Projection(config.n_embd, config.inner_dim)
         self.c_proj = Projection(config.inner_dim, config.n_embd)
-        self.act = get_activation(config.activation_function)
-        self.fused_act = ONEDNN_ACTIVATIONS.get(config.activation_function)
+        self.activation = config.activation_function
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        if self.fused_act is not None and use_onednn(x.reshape(-1, x.shape[-1]), self.c_fc.weight):
-            h = self.c_fc(x, activation=self.fused_act)  # (B, T, inner), GELU fused into the GEMM
-        elif self.fused_act == "gelu_tanh" and torch.is_grad_enabled() and self.c_fc.weight.requires_grad:
-            # training: PyTorch's one-kernel tanh GELU (and its one-kernel backward) instead of the five-op
-            # formula, which autograd differentiates op by op: 7 against 36 ms forward + backward on a
-            # (1024, 3072) float32 input; the two agree within 2.4e-7
-            h = F.gelu(self.c_fc(x), approximate="tanh")
-        else:
-            h = self.act(self.c_fc(x))
+        h = self.c_fc(x, self.activation)  # (B, T, inner): the activation fused into the GEMM where it pays
         return self.dropout(self.c_proj(h))
 
 
@@ -248,15 +169,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, *, cache=None, cache_position=None, mask=None, is_causal=False,
-                encoder_hidden_states=None, encoder_mask=None, output_attentions=False):
+                encoder_hidden_states=None, encoder_mask=None, output_attentions=False, plan=None, last=None):
         a, probs = self.attn(self.ln_1(x), cache=cache, cache_position=cache_position, mask=mask,
-                             is_causal=is_causal, output_attentions=output_attentions)
+                             is_causal=is_causal, output_attentions=output_attentions, plan=plan, last=last)
+        if last is not None and last < x.shape[1]:
+            x = x[:, -last:]  # only the last positions go on (model.decode's final block)
         x = x + a
         cross_probs = None
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
-                raise InvalidInputError("encoder_hidden_states were passed, but this model has no cross-attention layers: "
-                                 "build it with GPT2Config(add_cross_attention=True).")
+                raise InvalidInputError("encoder_hidden_states were passed, but this model has no cross-attention "
+                                        "layers: build it with GPT2Config(add_cross_attention=True).")
             c, cross_probs = self.crossattention(self.ln_cross_attn(x), mask=encoder_mask,
                                                  encoder_hidden_states=encoder_hidden_states,
                                                  output_attentions=output_attentions)

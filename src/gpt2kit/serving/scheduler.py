@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model import linear
+from ..model.cache import StaticCache
 from .sampling import RowSampler, SamplingParams, sample_rows
 from .stop import IncrementalDetokenizer, StopMatcher
 
@@ -116,16 +118,10 @@ class Engine:
         self.metrics = metrics
         self.device = model.device
         cfg = model.config
-        if hasattr(model, "decode"):
-            from ..model.cache import StaticCache
-
-            self.cache = StaticCache(cfg, max_num_seqs, max_model_len, device=self.device, dtype=model.dtype)
-            self._decode = model.decode
-        else:  # TEMPORARY until main has model.decode (see _decode_shim.py)
-            from ._decode_shim import ShimCache, shim_decode
-
-            self.cache = ShimCache(cfg, max_num_seqs, max_model_len, device=self.device, dtype=model.dtype)
-            self._decode = lambda *a, **k: shim_decode(model, *a, **k)
+        # one fixed packing layout for every batch size, so that rows joining or leaving never repack weights
+        hint = linear.pack_rows_hint(model.dtype, max_num_seqs)
+        self.cache = StaticCache(cfg, max_num_seqs, max_model_len, device=self.device, dtype=model.dtype)
+        self._decode = lambda *a, **k: model.decode(*a, rows_hint=hint, **k)
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each slot's cache holds
         self.free: dict[int, float] = {s: 0.0 for s in range(max_num_seqs)}  # free slot -> when freed (LRU)
         self.waiting: deque[EngineRequest] = deque()
@@ -171,16 +167,21 @@ class Engine:
             self._drain_inbox(block=not (self.waiting or self.prefilling or self.running))
             if self._stop:
                 break
-            try:
-                with torch.inference_mode():
-                    self._admit()
-                    self._prefill_step()
-                    self._decode_step()
-            except Exception:  # a bug in the engine itself: fail what is in flight, keep serving
-                log.exception("engine step failed; failing the requests in flight")
-                for seq in list(self.prefilling) + list(self.running):
-                    self._fail(seq.req, 500, "The server failed while running this request; it has been logged.")
-            self._report_gauges()
+            self.step()
+
+    def step(self) -> None:
+        """One engine step: take in news, admit, read one prompt chunk, decode every running sequence."""
+        self._drain_inbox(block=False)
+        try:
+            with torch.inference_mode():
+                self._admit()
+                self._prefill_step()
+                self._decode_step()
+        except Exception:  # a bug in the engine itself: fail what is in flight, keep serving
+            log.exception("engine step failed; failing the requests in flight")
+            for seq in list(self.prefilling) + list(self.running):
+                self._fail(seq.req, 500, "The server failed while running this request; it has been logged.")
+        self._report_gauges()
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import onednn
+from ..model import linear
 
 IGNORE_INDEX = -100
 
@@ -45,12 +45,11 @@ class Workspace:
 
 
 def _head_logits(h, w, out):
-    """h (n, C) @ w (V, C)^T, into `out` (n, V) where that pays. float32 on CPU goes through oneDNN (into a new
-    tensor: the op has no out= form): MKL's generic path on AMD runs this product at ~110 GFLOP/s against
-    ~175 (measured, GPT-2 small's head, 256 rows)."""
-    if h.dtype == torch.float32 and h.device.type == "cpu" and onednn.linear_available():
-        return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
-    return torch.mm(h, w.t(), out=out)
+    """h (n, C) @ w (V, C)^T, into `out` (n, V) where the policy keeps addmm (model/linear.py); its float32
+    training path is oneDNN's GEMM, into a new tensor (the op has no out= form)."""
+    if linear.choose_path(h, w, training=True) == linear.ADDMM:
+        return torch.mm(h, w.t(), out=out)
+    return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

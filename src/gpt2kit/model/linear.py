@@ -1,0 +1,301 @@
+"""How a projection runs: the one policy (choose_path), the activations it can fuse, and the modules that own
+their packed weights (Projection for the blocks' Conv1D matrices, LMHead for the tied head).
+
+Paths, chosen per call from the dtype, the device, the row count, whether gradients are wanted, whether a
+decode step is running (see `decoding`) and what this CPU's oneDNN offers (onednn.py):
+- ADDMM:   torch.addmm / F.linear and the activation's own formula: bit for bit what transformers computes.
+- ONEDNN:  oneDNN's linear with the bias and activation in the GEMM's epilogue, on the plain weight.
+- PACKED:  the same on a copy of the weight packed once into oneDNN's blocked layout for a row-count hint
+           (oneDNN re-lays a plain weight out on every call). Decode steps only: they repeat one product
+           shape thousands of times.
+- WIDENED: bfloat16 weights on a CPU without native bf16 products, where oneDNN's and ATen's bf16 GEMMs
+           emulate bf16 and run 5-7x slower than float32 (measured on an AVX2 Zen 3: 4.1 against 29 tokens/s
+           decoding GPT-2 small): computed from a packed float32 copy of the weight, output cast back to bf16.
+- TRAIN:   float32 training on CPU: oneDNN forward and both gradients (an autograd Function below). PyTorch's
+           CPU addmm goes to MKL, which takes a generic path on AMD processors: measured on a 2-core EPYC
+           (GPT-2 small's matrices, 1024 rows) 153-206 against 133-166 GFLOP/s forward, the attention
+           projection's weight gradient 208 against 130.
+
+Measured reasons for the thresholds (GPT-2 small's shapes, 2 threads):
+- float32 inference takes ONEDNN only from FUSED_F32_MIN_ROWS rows on (a prefill), where the fused epilogue
+  pays; it sums in another order than addmm (~1e-6 relative), so shorter inputs keep the reference's bits.
+- bf16 inference with native bf16 always fuses: addmm plus the five-op GELU took 76 ms where the fused op took
+  50 ms at 1 x 1024 tokens; the GELU formula alone was a third of a bf16 forward.
+- PACKED at batch 1, bf16: the 48 block matrices 39 against 60 ms plain, the head 13.5 against 29 ms; float32
+  20.1 against 28.7 ms per decode step; at 32 rows a 32-row layout runs the block products 20-30% faster than
+  a 1-row layout (pack_rows_hint).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import onednn
+from ..errors import InvalidInputError
+
+ADDMM, ONEDNN, PACKED, WIDENED, TRAIN = "addmm", "onednn", "onednn-packed", "float32-copy", "onednn-train"
+FUSED_F32_MIN_ROWS = 256  # float32 inference fuses from a prefill's row count on (see above)
+UNPACKED_F32_MIN_ROWS = 4  # a decode without packed weights: oneDNN on the plain weight from this many rows
+
+
+def _gelu_new(x):  # OpenAI's tanh approximation, written out as the reference does
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "gelu_python": lambda x: x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0))),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "mish": F.mish,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
+
+# the one table of activations oneDNN can fuse into a GEMM epilogue: our name -> (its attr, its algorithm)
+FUSABLE = {"gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu_fast": ("gelu", "tanh"),
+           "gelu": ("gelu", "none"), "gelu_python": ("gelu", "none"), "relu": ("relu", "")}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise InvalidInputError(f"Unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}.")
+
+
+def apply_activation(y: torch.Tensor, name: str | None, training: bool = False) -> torch.Tensor:
+    """The activation `name` (a config activation_function) on y, unfused. In training the tanh GELUs use
+    PyTorch's one-kernel GELU and its one-kernel backward instead of the five-op formula that autograd
+    differentiates op by op (7 against 36 ms forward + backward on a (1024, 3072) float32 input; within 2.4e-7)."""
+    if name is None:
+        return y
+    if training and name in TANH_GELUS:
+        return F.gelu(y, approximate="tanh")
+    return ACTIVATIONS[name](y)
+
+
+# -- decode steps: packed weights for a row-count hint ---------------------------------------------------
+_DECODE = threading.local()  # .rows_hint (int) and .pack (bool) while a decode step runs in this thread
+PACK_LIMIT_BYTES = 1 << 30  # a decode never packs (doubles) more than 1 GiB of weights
+
+
+def pack_rows_hint(dtype, batch: int) -> int:
+    """The row count oneDNN lays a packed weight out for. It matters in float32 only (measured on a 2-core
+    EPYC, GPT-2 small's matrices, weights not in cache): at 32 rows a 32-row layout runs the four block
+    products in 0.65/0.82/0.80 ms against 0.80/1.15/1.04 ms for a 1-row layout, and the head in 13.2 against
+    16.6 ms; layouts for 8, 32 or 128 rows are alike from 4 to 64 rows. In bfloat16 it changes nothing."""
+    return 32 if dtype == torch.float32 and batch > 1 else 1
+
+
+@contextmanager
+def decoding(rows_hint: int, pack: bool = True):
+    """Within this block (one decode step or prefill of model.decode), projections may use packed weights."""
+    old = getattr(_DECODE, "state", None)
+    _DECODE.state = (rows_hint, pack)
+    try:
+        yield
+    finally:
+        _DECODE.state = old
+
+
+def _decode_state():
+    return getattr(_DECODE, "state", None)
+
+
+# -- the policy ------------------------------------------------------------------------------------------
+def wants_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
+def choose_path(x2: torch.Tensor, weight: torch.Tensor, training: bool = False) -> str:
+    """The one decision of how a projection of x2 (N, in) by `weight` runs (see the module docstring).
+    training=True: a product inside a training step's own autograd Function (the fused loss), grad or not."""
+    if x2.device.type != "cpu" or torch.compiler.is_compiling() or not onednn.linear_available():
+        return ADDMM
+    dtype = weight.dtype
+    if x2.dtype != dtype:
+        return ADDMM
+    if training or wants_grad(x2, weight):
+        if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+            return TRAIN
+        return ADDMM
+    decode = _decode_state()
+    if dtype == torch.bfloat16:
+        if not onednn.bf16_available():
+            return WIDENED
+        return PACKED if decode is not None and decode[1] else ONEDNN
+    if dtype == torch.float32:
+        if decode is not None:
+            if decode[1]:
+                return PACKED
+            return ONEDNN if x2.shape[0] >= UNPACKED_F32_MIN_ROWS else ADDMM
+        return ONEDNN if x2.shape[0] >= FUSED_F32_MIN_ROWS else ADDMM
+    return ADDMM
+
+
+class _PolicyLinear:
+    """What Projection and LMHead share: running the chosen path, and owning a packed copy of the weight.
+
+    The packed copy is keyed by the weight's identity, storage and version, so it is dropped and rebuilt
+    when the weight changes: a load, `.to()`, an in-place edit (which bumps the version) or a new tensor."""
+
+    _pack = None  # (key, rows_hint, packed weight (out, in) blocked, float32 bias or None)
+    last_path: str | None = None  # the path the latest call took (tests and benchmarks read it)
+
+    def _weight_out_in(self) -> torch.Tensor:  # (out, in), a view where possible
+        raise NotImplementedError
+
+    def _packed(self, rows_hint: int, widen: bool):
+        w = self.weight
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device, widen)
+        p = self._pack
+        if p is not None and p[0] == key and (p[1] == rows_hint or widen):
+            return p[2], p[3]
+        self._pack = None  # free the stale copy before building the new one
+        with torch.no_grad():
+            src = self._weight_out_in().detach()
+            if widen:
+                src = src.float()
+            packed = torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), rows_hint)
+            bias = self.bias.detach().float() if widen and self.bias is not None else None
+        self._pack = (key, rows_hint, packed, bias)
+        return packed, bias
+
+    def drop_packed(self) -> None:
+        self._pack = None
+
+    def _run(self, x2: torch.Tensor, activation: str | None) -> torch.Tensor:  # (N, in) -> (N, out)
+        path = choose_path(x2, self.weight)
+        self.last_path = path
+        fused = FUSABLE.get(activation) if activation is not None else None
+        if path == ADDMM:
+            y = torch.addmm(self.bias, x2, self._weight_in_out()) if self.bias is not None else x2 @ self._weight_in_out()
+            return apply_activation(y, activation, training=wants_grad(x2, self.weight))
+        if path == TRAIN:
+            y = _OneDNNLinear.apply(x2, self._weight_in_out(), self.bias)
+            return apply_activation(y, activation, training=True)
+        attr, algorithm = fused if fused is not None else ("none", "")
+        if path == ONEDNN:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self._weight_out_in(), self.bias, attr, [], algorithm)
+        elif path == PACKED:
+            packed, _ = self._packed(_decode_state()[0], widen=False)
+            y = torch.ops.mkldnn._linear_pointwise(x2, packed, self.bias, attr, [], algorithm)
+        else:  # WIDENED
+            state = _decode_state()
+            packed, bias = self._packed(state[0] if state else 1, widen=True)
+            y = torch.ops.mkldnn._linear_pointwise(x2.float(), packed, bias, attr, [], algorithm).to(x2.dtype)
+        return y if fused is not None or activation is None else apply_activation(y, activation)
+
+
+class Projection(_PolicyLinear, nn.Module):
+    """y = act(x @ W + b) with W stored [in, out], the layout of GPT-2's checkpoints ("Conv1D").
+
+    Kept in this layout on purpose: on CPU a batch-1 `x @ W` over a 768-wide [in, out] matrix reads it
+    faster than `F.linear` over [out, in] (DESIGN.md, measured), and checkpoints load without a transpose.
+    A quantized module with the same forward(x, activation) can be swapped in for it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def _weight_in_out(self):
+        return self.weight
+
+    def _weight_out_in(self):
+        return self.weight.t()
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:  # (..., in) -> (..., out)
+        shape = x.shape[:-1] + (self.out_features,)
+        return self._run(x.reshape(-1, self.in_features), activation).view(shape)
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the packed copy belongs to the old weights
+        self._pack = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, layout=[in, out]"
+
+
+class LMHead(_PolicyLinear, nn.Linear):
+    """The language-modelling head: an nn.Linear ([vocab, n_embd], tied to the token embedding), whose
+    products follow the same policy as the blocks' (a packed copy during decode steps)."""
+
+    def _weight_in_out(self):
+        return self.weight.t()
+
+    def _weight_out_in(self):
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., V)
+        if choose_path(x.reshape(-1, self.in_features), self.weight) == ADDMM:
+            self.last_path = ADDMM
+            return F.linear(x, self.weight, self.bias)  # the reference's own call, for its bits
+        shape = x.shape[:-1] + (self.out_features,)
+        return self._run(x.reshape(-1, self.in_features), None).view(shape)
+
+    def _apply(self, fn, recurse=True):
+        self._pack = None
+        return super()._apply(fn, recurse)
+
+
+def packable_bytes(model) -> int:
+    """Bytes a decode would pack: every projection and the head that the policy may pack."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, _PolicyLinear))
+
+
+def drop_packed(model) -> None:
+    """Free every packed copy the model's projections hold (they are rebuilt on the next decode)."""
+    for m in model.modules():
+        if isinstance(m, _PolicyLinear):
+            m.drop_packed()
+
+
+def path_counts(model) -> dict:
+    """{path: number of projections whose latest call took it}: what tests and benchmarks check."""
+    counts: dict = {}
+    for m in model.modules():
+        if isinstance(m, _PolicyLinear) and m.last_path is not None:
+            counts[m.last_path] = counts.get(m.last_path, 0) + 1
+    return counts
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """oneDNN's linear has no autograd formula of its own: this gives it the textbook one,
+    y = x W + b => dx = dy W^T, dW = x^T dy, db = sum(dy)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        # x: (N, in); weight: (in, out), GPT-2's [in, out] layout; bias: (out,) or None
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "none", [], "")  # (N, out)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # grad_y: (N, out)
+        x, weight = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad_y, weight, None, "none", [], "")  # (N, in)
+        if ctx.needs_input_grad[1]:
+            # x^T dy as a "linear" of x^T (in, N) against dy^T (out, N): (in, out)
+            grad_w = torch.ops.mkldnn._linear_pointwise(x.t(), grad_y.t(), None, "none", [], "")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum(0)
+        return grad_x, grad_w, grad_b

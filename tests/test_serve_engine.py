@@ -1,0 +1,187 @@
+"""The serving engine in-process, step by step: chunked prefill interleaved with decode, prefix reuse,
+aborts, a failing request that leaves the others alone; and the text layer (UTF-8, stop strings)."""
+import pytest
+import torch
+
+from gpt2kit.cli import load_model_and_tokenizer
+from gpt2kit.serving.sampling import RowSampler, SamplingParams, sample_rows
+from gpt2kit.serving.scheduler import ChoiceUpdate, Engine, EngineRequest, Failed, PromptDone
+from gpt2kit.serving.stop import IncrementalDetokenizer, StopMatcher
+
+EOS = 50256
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    torch.manual_seed(0)
+    model, tok, _ = load_model_and_tokenizer(None, "cpu", "float32")
+    return model, tok
+
+
+def generate_alone(model, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=EOS)
+    return out[0, len(ids):].tolist()
+
+
+class Client:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, ev):
+        self.events.append(ev)
+
+    def tokens(self):
+        return [t.id for e in self.events if isinstance(e, ChoiceUpdate) for t in e.tokens]
+
+    def finished(self):
+        return any(isinstance(e, ChoiceUpdate) and e.finish_reason for e in self.events)
+
+
+def submit(engine, rid, ids, max_tokens, **kw):
+    c = Client()
+    kw.setdefault("params", SamplingParams(temperature=0.0))
+    assert engine.try_submit([EngineRequest(rid, ids, max_tokens, sink=c, eos_id=EOS, ignore_eos=True, **kw)])
+    return c
+
+
+def run_until(engine, cond, limit=500):
+    for _ in range(limit):
+        if cond():
+            return
+        engine.step()
+    raise AssertionError("the engine did not get there")
+
+
+def test_chunked_prefill_interleaves_with_decode_and_greedy_equals_generate(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=4, max_model_len=256, prefill_chunk=16)
+    a_ids = tok.encode("ROMEO:")
+    a = submit(engine, "a", a_ids, 60)
+    run_until(engine, lambda: len(a.tokens()) >= 1)
+    b_ids = [int(i) for i in torch.randint(0, 50000, (200,), generator=torch.Generator().manual_seed(1))]
+    b = submit(engine, "b", b_ids, 10)
+    reads = []
+    while not any(isinstance(e, PromptDone) for e in b.events):
+        before = len(a.tokens())
+        fed = [s.fed for s in engine.prefilling]
+        engine.step()
+        reads.append(([s.fed for s in engine.prefilling] or [200])[0] - (fed or [0])[0])
+        assert len(a.tokens()) == before + 1, "a running stream must get a token every step while a prompt is read"
+    assert len(reads) >= 200 // 16 and max(reads) <= 16
+    run_until(engine, lambda: a.finished() and b.finished())
+    assert a.tokens() == generate_alone(model, a_ids, 60)
+    assert b.tokens() == generate_alone(model, b_ids, 10)
+
+
+def test_prefix_reuse_counts_cached_tokens_and_changes_nothing(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=2, max_model_len=256)
+    doc = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak. You are all resolved rather to die")
+    first = submit(engine, "1", doc + tok.encode(" than"), 6)
+    run_until(engine, first.finished)
+    second = submit(engine, "2", doc + tok.encode(" or"), 6)
+    run_until(engine, second.finished)
+    done = next(e for e in second.events if isinstance(e, PromptDone))
+    assert done.cached_tokens == len(doc)
+    assert second.tokens() == generate_alone(model, doc + tok.encode(" or"), 6)
+    same = submit(engine, "3", doc + tok.encode(" or"), 6)  # the whole prompt is stored: all but its last token reused
+    run_until(engine, same.finished)
+    assert next(e for e in same.events if isinstance(e, PromptDone)).cached_tokens == len(doc)
+    assert same.tokens() == second.tokens()
+
+
+def test_n_choices_share_one_prefill(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=4, max_model_len=256)
+    ids = tok.encode("KING:")
+    c = submit(engine, "n", ids, 8, n=3, params=SamplingParams(temperature=1.0, seed=7))
+    run_until(engine, lambda: sum(1 for e in c.events if isinstance(e, ChoiceUpdate) and e.finish_reason) == 3)
+    per_choice = {}
+    for e in c.events:
+        if isinstance(e, ChoiceUpdate):
+            per_choice.setdefault(e.index, []).extend(t.id for t in e.tokens)
+    assert sorted(per_choice) == [0, 1, 2] and all(len(v) == 8 for v in per_choice.values())
+    # choice i draws with seed + i, whatever else runs: the same as a one-choice request seeded seed + i
+    for i in range(3):
+        alone = Engine(model, tok, max_num_seqs=1, max_model_len=256)
+        one = submit(alone, f"s{i}", ids, 8, params=SamplingParams(temperature=1.0, seed=7 + i))
+        run_until(alone, one.finished)
+        assert one.tokens() == per_choice[i]
+
+
+def test_abort_frees_the_slot_within_one_step(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=2, max_model_len=256)
+    c = submit(engine, "gone", tok.encode("ROMEO:"), 100)
+    run_until(engine, lambda: len(c.tokens()) >= 3)
+    assert len(engine.free) == 1
+    engine.abort("gone")
+    engine.step()
+    assert len(engine.free) == 2 and not engine.running
+
+
+def test_a_failing_request_leaves_the_others_alone(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=3, max_model_len=256)
+    decode = engine._decode
+    good_ids, bad_ids = tok.encode("ROMEO:"), tok.encode("KING:")
+    good = submit(engine, "good", good_ids, 12)
+    bad = submit(engine, "bad", bad_ids, 12)
+    run_until(engine, lambda: len(good.tokens()) >= 2 and len(bad.tokens()) >= 2)
+    bad_slot = next(s.slot for s in engine.running if s.req.request_id == "bad")
+
+    def poisoned(ids, cache, rows=None, **kw):  # the model goes wrong on one row only
+        logits = decode(ids, cache, rows=rows, **kw)
+        logits[(rows == bad_slot).nonzero()[:, 0]] = float("nan")
+        return logits
+
+    engine._decode = poisoned
+    run_until(engine, lambda: good.finished() and any(isinstance(e, Failed) for e in bad.events))
+    failed = next(e for e in bad.events if isinstance(e, Failed))
+    assert failed.status == 500 and "non-finite" in failed.message
+    assert good.tokens() == generate_alone(model, good_ids, 12)
+    engine._decode = decode
+    again = submit(engine, "again", bad_ids, 5)  # the failed slot was reset and can serve again
+    run_until(engine, again.finished)
+    assert again.tokens() == generate_alone(model, bad_ids, 5)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000)
+    params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=42)
+    alone = RowSampler(params, "cpu")
+    batch = [RowSampler(SamplingParams(temperature=1.0, seed=s), "cpu") for s in (1, 2)] + [RowSampler(params, "cpu")]
+    for _ in range(20):
+        a = sample_rows(logits[2:3], [alone], [([], [])])[0]
+        b = sample_rows(logits[:3], batch, [([], [])] * 3)[2]
+        assert a == b
+
+
+def test_incremental_detokenizer_never_splits_a_character(model_tok):
+    _, tok = model_tok
+    text = "naïve café – 東京 🙂 done"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids]
+    assert "".join(pieces) + detok.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_matcher_holds_back_and_never_passes_a_stop():
+    m = StopMatcher(["STOP", "ab"])
+    released = []
+    for piece in ["xx S", "T", "O", "P tail"]:
+        m.feed(piece)
+        released.append(m.release())
+    assert released == ["xx ", "", "", ""] and m.stopped == "STOP" and m.text == "xx "
+    m = StopMatcher(["STOP"])
+    m.feed("xx ST")
+    assert m.release() == "xx "
+    m.feed("ay")
+    assert m.release() == "STay" and m.stopped is None
+    m = StopMatcher(["\n\n"], include_stop=True)
+    m.feed("a\n")
+    m.feed("\nb")
+    assert m.release(final=True) == "a\n\n" and m.stopped == "\n\n"
