@@ -32,6 +32,17 @@ def launch_chromium(p):
     return p.chromium.launch(executable_path=shutil.which("chromium"), args=args)
 
 
+# The page shows the logprobs of its own run; the test's replay of the same request differs by float32 noise (~1e-6).
+TOL = 1e-4
+
+
+def unstreamed(body):
+    """The page's own request body, for the test to send without streaming."""
+    body = dict(body, stream=False)
+    body.pop("stream_options", None)
+    return body
+
+
 class Server:
     """A real `gpt2kit serve` (serve_helpers.ServerProcess) and the plain HTTP calls the playground tests make."""
 
@@ -80,6 +91,12 @@ class Server:
         if self.process.proc.poll() is None:
             self.resume()  # a frozen process would not act on SIGTERM
         self.process.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 class Tab:
@@ -157,8 +174,19 @@ class Firefox:
         (profile_dir / "user.js").write_text("".join(f"user_pref({json.dumps(k)}, {json.dumps(v)});\n" for k, v in prefs.items()))
         self.proc = subprocess.Popen([exe, "--headless", "--marionette", "--no-remote", "--profile", str(profile_dir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = Marionette(host="127.0.0.1", port=port, startup_timeout=120)
-        self.client.start_session()
+        try:
+            self.client = Marionette(host="127.0.0.1", port=port, startup_timeout=120)
+            self.client.start_session()
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def __enter__(self):
+        return self.client
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         try:

@@ -17,13 +17,12 @@ import urllib.request
 
 import pytest
 
-from playground_helpers import Server, Tab, launch_chromium, screenshot, sync_playwright_or_skip
+from playground_helpers import TOL, Server, Tab, launch_chromium, screenshot, sync_playwright_or_skip, unstreamed
 from serve_helpers import wait_until
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STATIC = REPO / "src" / "gpt2kit" / "serving" / "static"
 API_KEY = "playground-test-key"
-TOL = 1e-4  # the page shows the logprobs of its own run; the test's replay differs by float32 noise (~1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(browser):
-    s = Server()
-    yield s
-    s.stop()
+def server(browser):  # after the browser, so that a missing browser skips before a server starts
+    with Server() as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +53,6 @@ def tab(browser, server):
     t = Tab(browser, server, viewport={"width": 1100, "height": 760})
     yield t
     t.close()
-
-
-def unstreamed(body):
-    """The page's own request body, for the test to send without streaming."""
-    body = dict(body, stream=False)
-    body.pop("stream_options", None)
-    return body
 
 
 def chips(page, scope):

@@ -7,13 +7,11 @@ server's error is shown in words.
 """
 import pytest
 
-from playground_helpers import Firefox, Server
+from playground_helpers import TOL, Firefox, Server, unstreamed
 from serve_helpers import wait_until
 
 By = pytest.importorskip("marionette_driver", reason="marionette-driver is missing: `pip install marionette-driver` "
                                                      "(it is in the `test` extra)").By
-
-TOL = 1e-4  # as in test_playground: the replay differs from the page's own run by float32 noise
 
 # Record the bodies the page POSTs (Marionette sees no network), by wrapping fetch before the user acts.
 RECORD = """window.sent = []; const f = window.fetch;
@@ -22,16 +20,14 @@ window.fetch = (url, opts) => { if (opts && opts.body) window.sent.push([String(
 
 @pytest.fixture(scope="module")
 def firefox(tmp_path_factory):
-    ff = Firefox(tmp_path_factory.mktemp("firefox-profile"))
-    yield ff.client
-    ff.close()
+    with Firefox(tmp_path_factory.mktemp("firefox-profile")) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def server(firefox):
-    s = Server()
-    yield s
-    s.stop()
+def server(firefox):  # after the browser, so that a missing browser skips before a server starts
+    with Server() as s:
+        yield s
 
 
 def js(m, script, *args):
@@ -59,12 +55,6 @@ def run(m, button="generate"):
 
 def sent(m, path):
     return [body for url, body in js(m, "window.sent") if url == path]
-
-
-def unstreamed(body):
-    body = dict(body, stream=False)
-    body.pop("stream_options", None)
-    return body
 
 
 CHIPS = """[...document.querySelectorAll(arguments[0] + ' .tokens .chip')].map(c =>
