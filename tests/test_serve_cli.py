@@ -1,0 +1,99 @@
+"""`gpt2kit serve` as a command: chat templates (tokenizer config, --chat-template, built-in) rendered as
+transformers renders them, served model names, the playground switch, and start-up errors as one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from serve_helpers import DEFAULT_MODEL, REPO, ServerProcess  # noqa: E402
+
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'forbidden' %}{{ raise_exception('no forbidden role') }}{% endif %}"
+            "<|{{ m['role'] }}|>{{ m['content'] | trim }}{% if not loop.last %}\n{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}\n<|assistant|>{% endif %}")
+MESSAGES = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hello?"}]
+
+
+def transformers_render(model_dir, template=None):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    return tok.apply_chat_template(MESSAGES, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def rendered_ids(server, messages=MESSAGES):
+    return httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+
+
+def model_copy(tmp_path, chat_template=None):
+    d = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, d)
+    if chat_template is not None:
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = chat_template
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_tokenizer_config_template_is_used_as_transformers_renders_it(tmp_path):
+    d = model_copy(tmp_path, TEMPLATE)
+    srv = ServerProcess(str(d), "--no-ui", "--served-model-name", "shakespeare", "bard")
+    try:
+        from gpt2kit import GPT2Tokenizer
+
+        expected = GPT2Tokenizer.from_pretrained(str(d)).encode(transformers_render(d))
+        assert rendered_ids(srv) == expected
+        models = httpx.get(srv.base + "/models").json()["data"]
+        assert [m["id"] for m in models] == ["shakespeare", "bard"] and models[0]["root"] == str(d)
+        for name in ("shakespeare", "bard"):
+            r = httpx.post(srv.base + "/chat/completions", json={"model": name, "messages": MESSAGES, "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["model"] == name
+        assert httpx.post(srv.base + "/completions", json={"model": str(d), "prompt": "x"}).status_code == 404
+    finally:
+        assert srv.stop() == 0
+
+
+def test_chat_template_file_overrides_and_builtin_is_plain(tmp_path):
+    f = tmp_path / "t.jinja"
+    f.write_text(TEMPLATE)
+    srv = ServerProcess("--no-ui", "--chat-template", str(f))
+    try:
+        from gpt2kit import GPT2Tokenizer
+
+        tok = GPT2Tokenizer.from_pretrained(str(DEFAULT_MODEL))
+        assert rendered_ids(srv) == tok.encode(transformers_render(DEFAULT_MODEL, TEMPLATE))
+        r = httpx.post(srv.base + "/chat/completions", json={"messages": [{"role": "forbidden", "content": "x"}],
+                                                              "max_tokens": 1})
+        assert r.status_code == 400 and "no forbidden role" in r.json()["error"]["message"]
+    finally:
+        assert srv.stop() == 0
+    srv = ServerProcess("--no-ui")
+    try:
+        assert rendered_ids(srv) == tok.encode("system:  Be brief. \nuser: Hello?\nassistant:")
+        # a template error is the request's problem, never a 500
+        r = httpx.post(srv.base + "/chat/completions", json={"messages": [{"role": "user"}], "max_tokens": 1})
+        assert r.status_code == 200
+        assert httpx.get(srv.url + "/").status_code == 404  # --no-ui: no playground page
+    finally:
+        assert srv.stop() == 0
+
+
+def run_cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gpt2kit", "serve", "--port", "0", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def test_startup_errors_are_one_line(tmp_path):
+    r = run_cli(str(tmp_path / "missing-model"))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "gpt2kit serve: error:" in r.stderr, r.stderr
+    r = run_cli("--chat-template", str(tmp_path / "none.jinja"))
+    assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("--max-model-len", "5000")
+    assert r.returncode == 1 and "n_positions=256" in r.stderr, r.stderr
+    r = run_cli("--max-num-seqs", "0")
+    assert r.returncode == 2 and "positive integer" in r.stderr
+
