@@ -295,3 +295,20 @@ def test_the_default_length_fits_the_context_and_an_explicit_one_stays_strict(ti
     assert json.loads(out)["generated"][0]["new_tokens"] <= 13
     code, _, err = run(["generate", "word " * 10, "--model", tiny_model, "--max-new-tokens", "14"], capsys)
     assert code == 1 and "at most 13 new tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tokenizer_files_are_used_or_their_absence_said(tiny_model, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    for f in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        if (bare / f).exists():
+            (bare / f).unlink()
+    code, _, err = run(["generate", "Hi", "--model", str(bare), "--max-new-tokens", "2", "--greedy"], capsys)
+    assert code == 0 and "has no tokenizer files; using GPT-2's own vocabulary" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "vocab.json").write_text("{not json")
+    code, _, err = run(["generate", "Hi", "--model", str(broken), "--max-new-tokens", "2", "--greedy"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1  # not silently replaced by another vocabulary

@@ -3,7 +3,7 @@ aborts, a failing request that leaves the others alone; and the text layer (UTF-
 import pytest
 import torch
 
-from gpt2kit.cli import load_model_and_tokenizer
+from gpt2kit.loading import load_model_and_tokenizer
 from gpt2kit.serving.sampling import RowSampler, SamplingParams, sample_rows
 from gpt2kit.serving.scheduler import ChoiceUpdate, Engine, EngineRequest, Failed, PromptDone
 from gpt2kit.serving.stop import IncrementalDetokenizer, StopMatcher

@@ -17,6 +17,7 @@ import sys
 
 from .allocator import keep_freed_memory_for_reuse
 from .errors import GPT2KitError
+from .loading import add_quantize_flag, load_model_and_tokenizer
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 DEFAULT_MAX_NEW_TOKENS = 50
@@ -196,47 +197,8 @@ def add_generate(sub):
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text: per sequence "
                                                        "the text, new_tokens and finish_reason (stop or length)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the projections while loading: nf4 / fp4 "
-                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32); "
-                   "default: none, the weights stay float")
+    add_quantize_flag(p)
     p.set_defaults(run=lambda args: run_generate(check_generate_flags(args, p)))
-
-
-QUANTIZE_CHOICES = ("nf4", "fp4", "int8", "int4")  # gpt2kit.quantization.config.SHORT_NAMES
-
-
-def load_model_and_tokenizer(name, device_name: str, dtype_name: str, quantize: str | None = None):
-    """(model, tokenizer, name) for --model (None: the embedded default), on --device in --dtype, its
-    projections quantized while loading when --quantize names a format."""
-    import torch
-
-    from .auto import AutoModelForCausalLM
-    from .tokenizer import AutoTokenizer
-    from .default_model import default_model_dir
-    from .devices import resolve_device
-
-    device = resolve_device(device_name, "--device")
-    if dtype_name == "auto":  # float32 where half precision is slow or inexact (CPU), bfloat16/float16 on GPUs
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
-    else:
-        dtype = getattr(torch, dtype_name)
-    source = default_model_dir() if name is None else name
-    if name is not None and os.path.exists(name) and not os.path.isdir(name):
-        raise GPT2KitError(f"--model {name!r} is a file; pass the directory that holds config.json and the weights.")
-    qconfig = None
-    if quantize is not None:
-        from .quantization.config import config_for
-
-        qconfig = config_for(quantize)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, quantization_config=qconfig).to(device)
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError):  # a model directory without tokenizer files: GPT-2's own vocabulary
-        tok = AutoTokenizer.from_pretrained("gpt2")
-    return model.eval(), tok, name or "embedded default (tinyshakespeare)"
 
 
 SAMPLING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "typical_p", "min_p", "repetition_penalty",
@@ -390,9 +352,7 @@ def add_eval(sub):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (they show only on a terminal)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="quantize the projections while loading: nf4 / fp4 "
-                   "(bitsandbytes 4-bit, double quant), int8 (LLM.int8's format), int4 (affine, groups of 32); "
-                   "default: none, the weights stay float")
+    add_quantize_flag(p)
     p.set_defaults(run=run_eval)
 
 

@@ -25,6 +25,7 @@ GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_pen
 
 def add_serve(sub):
     from ..cli import DTYPES, nonneg_int, positive_float, positive_int
+    from ..loading import add_quantize_flag
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (continuous batching)",
                        description="Serve MODEL (a local directory or a Hub name; default: the embedded model) over "
@@ -45,6 +46,7 @@ def add_serve(sub):
     p.add_argument("--max-logprobs", type=nonneg_int, default=20, help="cap on logprobs / top_logprobs (default 20)")
     p.add_argument("--max-body-bytes", type=positive_int, default=16 << 20, help="largest request body (default 16 MiB)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
+    add_quantize_flag(p)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer config's, else a plain one)")
     p.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
@@ -86,14 +88,14 @@ def load_engine(state, args) -> None:
     """Load the model and start the engine (runs in a background thread while /health says 503)."""
     import torch
 
-    from ..cli import load_model_and_tokenizer
+    from ..loading import load_model_and_tokenizer
     from ..default_model import default_model_dir
     from .chat import load_chat_template
     from .engine_requests import Limits
     from .metrics import Metrics
     from .scheduler import Engine
 
-    model, tok, _ = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model, tok, _ = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize)
     cfg = model.config
     source = args.model if args.model is not None else default_model_dir()
     max_len = args.max_model_len or cfg.n_positions

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from ..errors import InvalidArgumentError, InvalidInputError, MissingFileError, NotSupportedError
+from ..errors import GPT2KitFileError, InvalidArgumentError, InvalidInputError, MissingFileError, NotSupportedError
 
 ASSETS = Path(__file__).with_name("assets")
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
@@ -78,13 +78,21 @@ class TokenizerFiles:
 
 
 def _read_json(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GPT2KitFileError(f"Tokenizer file {str(path)!r} is not valid UTF-8 JSON ({e}): it is damaged or not a "
+                               "tokenizer file; restore it from the model's source.") from None
 
 
 def read_merges_file(path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [ln.rstrip("\r\n") for ln in f if ln.strip() and not ln.startswith("#version")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [ln.rstrip("\r\n") for ln in f if ln.strip() and not ln.startswith("#version")]
+    except UnicodeDecodeError as e:
+        raise GPT2KitFileError(f"Tokenizer file {str(path)!r} is not UTF-8 text (byte offset {e.start}); restore it "
+                               "from the model's source.") from None
 
 
 def read_vocab_merges(vocab_file, merges_file) -> tuple[dict[str, int], list[str]]:

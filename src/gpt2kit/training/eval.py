@@ -82,7 +82,7 @@ def report(model, ids: torch.Tensor, n_bytes: int, max_length=None, stride=None,
 
 def eval_command(args) -> int:
     """`gpt2kit eval`: see cli.py for the flags."""
-    from ..cli import load_model_and_tokenizer
+    from ..loading import load_model_and_tokenizer
     from .data import open_tokens, read_text, split_point, tokenize_to_cache
 
     data = read_text(args.file)
