@@ -135,3 +135,76 @@ def test_an_unrecognized_argument_next_to_a_long_prompt_gives_a_short_line(capsy
     code, out, err = run(["generate", "--bogus-flag", "3", prompt], capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "--bogus-flag" in err and "more characters" in err and len(err) < 400
+
+
+def test_help_shows_every_default(capsys):
+    """Each option that has a default says it in --help: the formatter adds "(default: X)" to a non-None
+    default; train and eval options without one (None) say in words what happens without them."""
+    import argparse
+
+    from gpt2kit.cli import DefaultsHelpFormatter, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if not action.option_strings or action.required or action.help == argparse.SUPPRESS or isinstance(
+                    action, (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                continue
+            text = DefaultsHelpFormatter(command)._get_help_string(action)
+            if action.default is not None or command in ("train", "eval"):
+                assert "default" in text, (command, action.option_strings, text)
+    code, out, _ = run(["train", "--help"], capsys)
+    flat = " ".join(out.split())
+    for shown in ("--seed SEED seed of the initial weights, data order and dropout (default: 1337)",
+                  "(default: 200)", "(default: 0.1)", "(default: 1.0)", "micro-steps per optimizer step (default: 1)",
+                  "(default: 0.0006 from scratch, 0.0001 when fine-tuning with --model)"):
+        assert shown in flat, shown
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["generate", "hi", "--max-tokens", "5"], "(did you mean --max-new-tokens?)"),
+    (["train", "x.txt", "--out", "o", "--batchsize", "4"], "(did you mean --batch-size?)"),
+    (["eval", "x.txt", "--strides", "4"], "(did you mean --stride?)"),
+])
+def test_an_unknown_option_suggests_the_close_one(argv, hint, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "unrecognized arguments" in err and hint in err
+
+
+def test_train_command_line_checks_and_defaults(tmp_path, capsys, monkeypatch):
+    code, _, err = run(["train", "x.txt", "--out", str(tmp_path / "o"), "--preset", "gpt2", "--max-steps", "5",
+                        "--warmup-steps", "9"], capsys)
+    assert code == 1 and "--warmup-steps (9) exceeds --max-steps (5)" in err and len(err.strip().splitlines()) == 1
+    seen = []
+    monkeypatch.setattr("gpt2kit.training.loop.train", lambda cfg: seen.append(cfg) or {})
+    for extra, lr in ((["--model", "some/model"], 1e-4), (["--preset", "gpt2"], 6e-4),
+                      (["--model", "some/model", "--lr", "3e-5"], 3e-5)):
+        assert main(["train", "x.txt", "--out", "o", *extra]) == 0
+        assert seen.pop().lr == lr, extra
+
+
+def test_train_into_a_used_directory_needs_resume_or_overwrite(tiny_model, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 50)
+    code, _, err = run(["train", str(text), "--out", tiny_model, "--model", tiny_model], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "already holds a training run or model (config.json, model.safetensors)" in err
+    assert "--resume" in err and "--overwrite" in err
+
+
+def test_eval_shows_a_progress_bar_on_a_terminal(tiny_model, tmp_path, monkeypatch, capsys):
+    from test_train import FakeTerminal
+
+    text = tmp_path / "t.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # tokenized afresh: its bar shows too
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert main(["eval", str(text), "--model", tiny_model, "--batch-size", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    shown = [line.split("\r")[-1] for line in term.buffer.getvalue().split("\n")]
+    assert any(s.startswith("scoring: 100%") for s in shown) and shown[-1] == ""  # ends on a line of its own
+    assert any(s.startswith("tokenizing t.txt: 100%") for s in shown)
+    code, _, _ = run(["eval", str(text), "--model", tiny_model, "--no-progress"], capsys)
+    assert code == 0

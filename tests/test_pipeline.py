@@ -121,7 +121,7 @@ def test_pipeline_model_objects_dtype_and_errors(ckpt):
         with pytest.raises(RuntimeError, match="CUDA|GPU"):
             pipeline("text-generation", model=ckpt, device="cuda")
     try:
-        from gpt2kit.training.default_model import default_model_dir
+        from gpt2kit.default_model import default_model_dir
     except ImportError:
         with pytest.raises(ValueError, match="model="):
             pipeline("text-generation")

@@ -21,13 +21,59 @@ from .errors import GPT2KitError
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (not the whole usage block)."""
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help states each option's default: "(default: X)" is added to a help text that does not already say
+    its default (an option whose default is None or off must say in its help what happens without it)."""
 
-    def error(self, message):
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or "%(default)" in text or not action.option_strings:
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or isinstance(action, argparse._StoreConstAction):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (not the whole usage block), suggests the option
+    closest to a mistyped one, and shows every default in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand's parser, which knows the options it meant
+            parser = self._subcommand_parser(getattr(namespace, "command", None)) or self
+            parser.error(f"unrecognized arguments: {' '.join(extras)}", suggestion=parser._suggest(extras))
+        return namespace
+
+    def _subcommand_parser(self, name):
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+                return action.choices[name]
+        return None
+
+    def _suggest(self, extras) -> str:
+        """ " (did you mean --max-new-tokens?)" for the unknown options in `extras` that resemble one of ours."""
+        import difflib
+
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        hints = []
+        for arg in extras:
+            flag = arg.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+            if close:
+                hints.append((flag, close[0]))
+        if len(hints) == 1:
+            return f" (did you mean {hints[0][1]}?)"
+        return f" (did you mean {', '.join(f'{right} for {wrong}' for wrong, right in hints)}?)" if hints else ""
+
+    def error(self, message, suggestion: str = ""):
         if len(message) > 300:  # argparse echoes unrecognized arguments whole: a long prompt would fill the screen
             message = f"{message[:240]}... ({len(message) - 240} more characters)"
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}{suggestion} (see {self.prog} --help)\n")
 
 
 # -- argument types that reject bad values with a clear message --------------------------------------
@@ -107,7 +153,7 @@ def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
 
     from .auto import AutoModelForCausalLM
     from .tokenizer import AutoTokenizer
-    from .training.default_model import default_model_dir
+    from .default_model import default_model_dir
     from .devices import resolve_device
 
     device = resolve_device(device_name, "--device")
@@ -185,7 +231,7 @@ def run_generate(args) -> int:
 
 # -- train ------------------------------------------------------------------------------------------
 def add_train(sub):
-    from .training.settings import PRESETS, TrainConfig
+    from .training.settings import FINETUNE_LR, PRESETS, PRETRAIN_LR, TrainConfig
 
     d = TrainConfig(files=[], out_dir="")
     p = sub.add_parser("train", help="train or fine-tune a GPT-2 model on text files",
@@ -193,47 +239,62 @@ def add_train(sub):
                                    "UTF-8 text files, writing a Hugging Face model directory to --out. Run it under "
                                    "`torchrun --nproc_per_node N -m gpt2kit train ...` for data-parallel training.")
     p.add_argument("files", nargs="+", help="UTF-8 text files to train on")
-    p.add_argument("--out", "-o", required=True, dest="out_dir", help="run directory: model, checkpoints, log.jsonl, loss.png")
+    p.add_argument("--out", "-o", required=True, dest="out_dir",
+                   help="run directory: model, checkpoints, log.jsonl, loss.png (one that holds a run needs --resume "
+                        "or --overwrite)")
     what = p.add_argument_group("model (one of --model, --preset, or sizes)")
-    what.add_argument("--model", "-m", help="fine-tune this checkpoint (a local directory or Hub name)")
-    what.add_argument("--preset", choices=sorted(PRESETS), help="train from scratch at a GPT-2 size")
-    what.add_argument("--n-layer", type=positive_int)
-    what.add_argument("--n-embd", type=positive_int)
-    what.add_argument("--n-head", type=positive_int)
-    what.add_argument("--n-positions", type=positive_int, help="context length of a new model (default 1024)")
+    what.add_argument("--model", "-m", help="fine-tune this checkpoint (a local directory or Hub name); default: "
+                                            "train a new model")
+    what.add_argument("--preset", choices=sorted(PRESETS), help="train from scratch at a GPT-2 size (default: none; "
+                                                                "give the sizes below)")
+    what.add_argument("--n-layer", type=positive_int, help="transformer blocks of a new model (default: the preset's)")
+    what.add_argument("--n-embd", type=positive_int, help="hidden size of a new model (default: the preset's)")
+    what.add_argument("--n-head", type=positive_int, help="attention heads of a new model (default: the preset's)")
+    what.add_argument("--n-positions", type=positive_int, help="context length of a new model (default: the preset's, "
+                                                               "else 1024)")
     what.add_argument("--dropout", type=fraction, help="dropout probability (default 0 from scratch; the checkpoint's when fine-tuning)")
     data = p.add_argument_group("data")
     data.add_argument("--val-file", action="append", default=[], dest="val_files",
                       help="held-out text (repeatable); default: the last --val-fraction of each training file")
     data.add_argument("--val-fraction", type=fraction, default=d.val_fraction,
-                      help=f"fraction of each file, by bytes from its end, held out for validation (default {d.val_fraction})")
+                      help="fraction of each file, by bytes from its end, held out for validation")
     data.add_argument("--seq-len", type=positive_int, help="tokens per training window (default: n_positions)")
     data.add_argument("--cache-dir", help="where tokenized text is cached (default ~/.cache/gpt2kit/tokens)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"windows per process per micro-step (default {d.batch_size})")
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="windows per process per micro-step")
     opt.add_argument("--grad-accum", type=positive_int, default=d.grad_accum, help="micro-steps per optimizer step")
-    opt.add_argument("--max-steps", type=positive_int, default=d.max_steps, help=f"optimizer steps (default {d.max_steps})")
-    opt.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    opt.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio, help="final lr as a fraction of the peak")
-    opt.add_argument("--warmup-steps", type=nonneg_int, help="linear warmup steps (default 5%% of --max-steps)")
-    opt.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=d.weight_decay)
-    opt.add_argument("--beta1", type=fraction, default=d.betas[0])
-    opt.add_argument("--beta2", type=fraction, default=d.betas[1])
+    opt.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="optimizer steps")
+    opt.add_argument("--lr", type=positive_float,
+                     help=f"peak learning rate (default: {PRETRAIN_LR:g} from scratch, {FINETUNE_LR:g} when "
+                          "fine-tuning with --model)")
+    opt.add_argument("--min-lr-ratio", type=probability, default=d.min_lr_ratio,
+                     help="final lr of the cosine decay, as a fraction of the peak")
+    opt.add_argument("--warmup-steps", type=nonneg_int, help="linear warmup steps, at most --max-steps (default 5%% of "
+                                                             "--max-steps)")
+    opt.add_argument("--weight-decay", type=_float_in(0.0, float("inf")), default=d.weight_decay,
+                     help="AdamW weight decay, on matrices only")
+    opt.add_argument("--beta1", type=fraction, default=d.betas[0], help="AdamW beta1")
+    opt.add_argument("--beta2", type=fraction, default=d.betas[1], help="AdamW beta2")
     opt.add_argument("--grad-clip", type=_float_in(0.0, float("inf")), default=d.grad_clip, help="max gradient norm (0 = off)")
     opt.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="autocast precision (auto: bfloat16 where the GPU or CPU supports it natively, else float32)")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
-    opt.add_argument("--seed", type=nonneg_int, default=d.seed)
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    opt.add_argument("--seed", type=nonneg_int, default=d.seed, help="seed of the initial weights, data order and dropout")
     opt.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU)")
     run = p.add_argument_group("evaluation, checkpoints, logs")
     run.add_argument("--eval-every", type=nonneg_int, default=d.eval_every, help="validate every N steps (0 = only at the end)")
     run.add_argument("--eval-batches", type=positive_int, default=d.eval_batches, help="validation batches per evaluation")
     run.add_argument("--save-every", type=nonneg_int, default=d.save_every, help="checkpoint every N steps (0 = only at the end)")
-    run.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints)
-    run.add_argument("--log-every", type=positive_int, default=d.log_every)
+    run.add_argument("--keep-checkpoints", type=positive_int, default=d.keep_checkpoints,
+                     help="newest checkpoints kept (a damaged newest one is skipped on --resume)")
+    run.add_argument("--log-every", type=positive_int, default=d.log_every, help="log the training loss every N steps")
     run.add_argument("--save-dtype", choices=DTYPES[1:], default=d.save_dtype, help="precision of the saved model's weights")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its latest checkpoint (repeat the original flags)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run in --out: its checkpoints and log are deleted first")
     run.add_argument("--stop-after", type=positive_int, help=argparse.SUPPRESS)  # tests: end as a crash would
-    run.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar while tokenizing")
+    run.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="no progress bars (they show only on a terminal; elsewhere log lines)")
     p.set_defaults(run=run_train)
 
 
@@ -245,8 +306,8 @@ def run_train(args) -> int:
     fields["betas"] = (args.beta1, args.beta2)
     if args.eval_every == 0:
         fields["eval_every"] = args.max_steps  # only at the end
-    train(TrainConfig(**fields))
-    return 0
+    summary = train(TrainConfig(**fields))
+    return 130 if summary.get("interrupted") else 0  # 130: stopped by Ctrl-C (with a checkpoint)
 
 
 # -- eval -------------------------------------------------------------------------------------------
@@ -260,11 +321,14 @@ def add_eval(sub):
     p.add_argument("--stride", type=positive_int, help="tokens the window advances (default: half the window)")
     p.add_argument("--max-length", type=positive_int, help="window length (default: the model's n_positions)")
     p.add_argument("--val-fraction", type=fraction, default=0.0,
-                   help="score only the last FRACTION of the file by bytes, the part `train --val-fraction` held out")
+                   help="score only the last FRACTION of the file by bytes, the part `train --val-fraction` held out "
+                        "(default 0: all of it)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored at once")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight precision (default float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they show only on a terminal)")
     p.set_defaults(run=run_eval)
 
 

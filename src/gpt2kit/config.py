@@ -197,8 +197,8 @@ class GPT2Config:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"{path} is not valid JSON ({e}). Re-save the config or fix the file.") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a binary file fails to decode before it fails to parse
+            raise InvalidInputError(f"{path} is not valid JSON ({e}). Re-save the config or fix the file.") from None
         if not isinstance(data, dict):
             raise InvalidInputError(f"{path} must hold a JSON object of config fields.")
         return cls.from_dict(data)

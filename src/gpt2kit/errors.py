@@ -35,6 +35,15 @@ class MissingFileError(GPT2KitFileError, FileNotFoundError):
     """A file or directory that does not exist."""
 
 
+class CheckpointFileError(GPT2KitFileError):
+    """A checkpoint file (weights or training state) that cannot be read: truncated, corrupt, or not a checkpoint."""
+
+
+class UnsafeCheckpointError(GPT2KitFileError):
+    """A pickle-based file (pytorch_model.bin, training_state.pt) holding more than tensors and plain data:
+    loading it would run code named in the file, which gpt2kit never does (see torchfile.py)."""
+
+
 class NotSupportedError(GPT2KitError, NotImplementedError):
     """A feature of the reference API that gpt2kit does not offer; the message names the alternative."""
 

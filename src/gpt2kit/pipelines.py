@@ -136,7 +136,7 @@ class TextGenerationPipeline:
 
 def _default_model_dir():
     try:
-        from .training.default_model import default_model_dir
+        from .default_model import default_model_dir
     except ImportError:
         raise InvalidInputError("pipeline() was called without model=, and this gpt2kit has no embedded default model: "
                          "pass model= (a local checkpoint directory, a Hub name, or a loaded GPT2LMHeadModel).") from None

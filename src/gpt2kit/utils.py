@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import secrets
 
 import torch
 
@@ -20,11 +20,25 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, then rename."""
+def _create_temp_beside(path: str) -> tuple[int, str]:
+    """(fd, name) of a new empty file beside `path`, for an atomic write onto it.
+
+    Created with mode 0o666 and the umask applied by the kernel, as open() (and so transformers'
+    save_pretrained) would create `path` itself; tempfile.mkstemp's 0o600 would survive the rename and
+    leave saved models readable by their owner only."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(6)}-{os.path.basename(path)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically: a temporary file in the same folder, fsync, then rename."""
+    fd, tmp = _create_temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -42,16 +56,16 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_path(path: str):
-    """Context manager yielding a temporary path beside `path`; renamed onto `path` on success."""
+    """Context manager yielding a temporary path beside `path` for a writer that takes a file name (safetensors,
+    torch.save, savefig); on success it is fsynced and renamed onto `path`."""
     return _AtomicPath(path)
 
 
 class _AtomicPath:
     def __init__(self, path):
         self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+        fd, self.tmp = _create_temp_beside(path)
+        self.mode = os.fstat(fd).st_mode & 0o777  # 0o666 less the umask
         os.close(fd)
 
     def __enter__(self):
@@ -59,6 +73,13 @@ class _AtomicPath:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is on disk before the name points at it
+                if os.fstat(fd).st_mode & 0o777 != self.mode:  # the writer made a file of its own (safetensors: 0o600)
+                    os.chmod(self.tmp, self.mode)
+            finally:
+                os.close(fd)
             os.replace(self.tmp, self.path)
         elif os.path.exists(self.tmp):
             os.unlink(self.tmp)

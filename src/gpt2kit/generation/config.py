@@ -168,7 +168,7 @@ class GenerationConfig:
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:  # binary: fails to decode before it fails to parse
                 raise InvalidInputError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
 

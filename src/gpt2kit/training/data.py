@@ -12,7 +12,6 @@ import hashlib
 import json
 import mmap
 import os
-import sys
 
 import torch
 
@@ -103,13 +102,12 @@ def tokenize_to_cache(path: str, tok, *, start: int = 0, end: int | None = None,
     out = os.path.join(cache_dir, key.hexdigest()[:32] + ".u16")
     if os.path.exists(out):
         return out
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     text = part.decode("utf-8")
     ids = array.array("H")
     label = os.path.basename(path) + (f" [{start}:{end}]" if (start, end) != (0, len(data)) else "")
-    with tqdm(total=len(part), unit="B", unit_scale=True, desc=f"tokenizing {label}", disable=not progress,
-              file=sys.stderr, leave=False) as bar:
+    with progress_bar(len(part), f"tokenizing {label}", "B", progress, unit_scale=True) as bar:  # stays, at 100%
         for piece in _pieces(text):
             ids.extend(_encode(tok, piece))
             bar.update(len(piece.encode("utf-8")))

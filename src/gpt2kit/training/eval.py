@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .loss import IGNORE_INDEX, linear_cross_entropy
+from .progress import progress_bar
 from ..errors import InvalidInputError
 
 
@@ -35,8 +36,9 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 @torch.no_grad()
 def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, stride: int | None = None,
-                       batch_size: int = 8) -> tuple[float, int]:
-    """(sum of next-token NLLs in nats, number of tokens scored) of 1-D `ids` under a GPT2LMHeadModel."""
+                       batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
+    """(sum of next-token NLLs in nats, number of tokens scored) of 1-D `ids` under a GPT2LMHeadModel.
+    `progress`: a bar over the batches of windows on stderr (on a terminal)."""
     max_length = max_length or model.config.n_positions
     if max_length > model.config.n_positions:
         raise InvalidInputError(f"The window ({max_length} tokens) exceeds the model's n_positions ({model.config.n_positions}).")
@@ -46,7 +48,8 @@ def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, 
     total, count = 0.0, 0
     plan = windows(len(ids), max_length, stride)
     model.eval()
-    for i in range(0, len(plan), batch_size):
+    starts = range(0, len(plan), batch_size)
+    for i in progress_bar(len(starts), "scoring", "batch", progress, iterable=starts):
         group = plan[i: i + batch_size]
         T = max(end - begin for begin, end, _ in group)
         x = torch.zeros(len(group), T, dtype=torch.int64)  # (b, T); short rows padded at the end
@@ -66,13 +69,13 @@ def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, 
     return total, count
 
 
-def report(model, ids: torch.Tensor, n_bytes: int, max_length=None, stride=None, batch_size=8) -> dict:
+def report(model, ids: torch.Tensor, n_bytes: int, max_length=None, stride=None, batch_size=8, progress=False) -> dict:
     """Perplexity, bits per byte and counts of token ids `ids` (the encoding of `n_bytes` bytes of text)."""
     if len(ids) < 2:
         raise InvalidInputError(f"The text has {len(ids)} token(s); perplexity needs at least 2.")
     max_length = max_length or model.config.n_positions
     stride = stride or max(1, max_length // 2)
-    nll, n = sliding_window_nll(model, ids, max_length, stride, batch_size)
+    nll, n = sliding_window_nll(model, ids, max_length, stride, batch_size, progress)
     return {"perplexity": math.exp(nll / n), "bits_per_byte": nll / math.log(2) / n_bytes, "nll_per_token": nll / n,
             "tokens_scored": n, "bytes": n_bytes, "max_length": max_length, "stride": stride}
 
@@ -85,8 +88,8 @@ def eval_command(args) -> int:
     data = read_text(args.file)
     start = split_point(data, 1.0 - args.val_fraction) if args.val_fraction else 0
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    ids = open_tokens(tokenize_to_cache(args.file, tok, start=start, end=len(data), progress=not args.json, data=data))
-    result = report(model, ids, len(data) - start, args.max_length, args.stride, args.batch_size)
+    ids = open_tokens(tokenize_to_cache(args.file, tok, start=start, end=len(data), progress=args.progress, data=data))
+    result = report(model, ids, len(data) - start, args.max_length, args.stride, args.batch_size, args.progress)
     result.update(model=name, file=args.file, byte_range=[start, len(data)])
     if args.json:
         print(json.dumps(result))

@@ -23,10 +23,12 @@ from . import checkpointing as ckpt
 from .data import WindowSampler, load_split, load_tokenizer
 from .loss import CausalLMLoss
 from .optim import build_adamw
+from .interrupt import StopRequest
+from .progress import StepProgress
 from .runlog import RunLog, plot_loss
 from .schedule import warmup_cosine
 from .settings import PRESETS, SIZE_FIELDS, TrainConfig
-from ..errors import InvalidInputError, MissingFileError
+from ..errors import InvalidInputError
 
 # -- process group ---------------------------------------------------------------------------------
 def _distributed() -> tuple[int, int, int]:
@@ -143,15 +145,30 @@ def _norm(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_fresh_out_dir(cfg: TrainConfig, main: bool) -> None:
+    """A run into a directory that already holds one replaces it only when asked (--overwrite)."""
+    found = ckpt.run_files(cfg.out_dir)
+    if not found:
+        return
+    if not cfg.overwrite:
+        raise InvalidInputError(
+            f"--out {cfg.out_dir!r} already holds a training run or model ({', '.join(found)}). Add --resume to continue "
+            "that run from its latest checkpoint, --overwrite to replace it, or choose a new --out.")
+    if main:
+        ckpt.clear_run(cfg.out_dir)
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: bool) -> dict:
     resume_dir, state = None, None
-    if cfg.resume:
-        resume_dir = ckpt.latest_checkpoint(cfg.out_dir)
-        if resume_dir is None:
-            raise MissingFileError(f"--resume: no checkpoint in {os.path.join(cfg.out_dir, 'checkpoints')}. "
-                                    "Start the run without --resume.")
-        state = ckpt.load_state(resume_dir)
+    if cfg.resume:  # the state is read (safely) before anything else looks at it
+        resume_dir, state = ckpt.load_resume_point(cfg.out_dir, notice=_stderr if main else lambda message: None)
         _check_resumable(cfg, state["config"], world, state["world_size"])
+    else:
+        _check_fresh_out_dir(cfg, main)
 
     tok = load_tokenizer(cfg.model if cfg.model and _has_tokenizer(cfg.model) else None)
     model = _build_model(cfg, len(tok), resume_dir).to(device)
@@ -201,22 +218,31 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
 
     amp = _autocast_dtype(cfg.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else contextlib.nullcontext
-    log = RunLog(cfg.out_dir, enabled=main, keep_until_step=step if state is not None else None)
+    progress = StepProgress(cfg.max_steps, step, enabled=main and cfg.progress)
+    log = RunLog(cfg.out_dir, enabled=main, keep_until_step=step if state is not None else None, say=progress.say)
+    if main and state is not None:
+        where = os.path.relpath(resume_dir, cfg.out_dir)
+        log.write({"event": "resume", "step": step, "samples": samples, "checkpoint": where},
+                  echo=f"resuming from {os.path.join(cfg.out_dir, where)} at step {step}/{cfg.max_steps} "
+                       f"({samples:,} windows trained on)")
     if main and state is None:
         log.write({"event": "start", "parameters": raw_model.num_parameters(), "train_tokens": len(train_ids),
                    "val_tokens": len(val_ids), "world_size": world, "device": str(device), "seq_len": seq_len,
                    "config": _config_dict(cfg)},
                   echo=f"training {raw_model.num_parameters():,} parameters on {len(train_ids):,} tokens "
-                       f"({len(val_ids):,} held out), {world} process(es) on {device}")
+                       f"({len(val_ids):,} held out), {world} process(es) on {device}, peak lr {cfg.lr:g}")
     can_eval = len(val_ids) > seq_len
     if main and cfg.eval_every and not can_eval:
-        print(f"note: the held-out text has {len(val_ids)} tokens, fewer than one window of {seq_len + 1}: no "
-              "validation (raise --val-fraction, pass --val-file, or shorten --seq-len)", file=sys.stderr)
+        progress.say(f"note: the held-out text has {len(val_ids)} tokens, fewer than one window of {seq_len + 1}: no "
+                     "validation (raise --val-fraction, pass --val-file, or shorten --seq-len)")
     per_step = cfg.batch_size * world * cfg.grad_accum  # windows per optimizer step
     losses, t0, tokens_done = {}, time.perf_counter(), 0
     t_start = t0
+    saved = {}  # step -> checkpoint directory
 
     def save(at_step):
+        if at_step in saved:
+            return saved[at_step]
         st = {"step": at_step, "samples": samples, "optimizer": optimizer.state_dict(),
               "scheduler": scheduler.state_dict(), "config": _config_dict(cfg), "world_size": world}
         rngs = [None] * world
@@ -225,52 +251,65 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
         else:
             rngs = [ckpt.rng_state()]
         st["rng"] = rngs
-        if main:
-            ckpt.save_checkpoint(cfg.out_dir, at_step, raw_model, tok, st, keep=cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(cfg.out_dir, at_step, raw_model, tok, st, keep=cfg.keep_checkpoints) if main else None
         if world > 1:
             torch.distributed.barrier()
+        saved[at_step] = path
+        return path
 
-    while step < cfg.max_steps:
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            first = samples + micro * cfg.batch_size * world + rank * cfg.batch_size
-            x, y = sampler.batch(first, cfg.batch_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                loss = model(x, y) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        samples += per_step
-        tokens_done += per_step * seq_len
-        if world > 1:
-            torch.distributed.all_reduce(loss_sum)  # gloo has no AVG
-            loss_sum /= world
-        losses[step] = float(loss_sum)
-        if main and (step % cfg.log_every == 0 or step == cfg.max_steps or step == 1):
-            elapsed = time.perf_counter() - t0
-            rec = {"step": step, "loss": losses[step], "lr": lr, "tokens_per_s": round(tokens_done / elapsed, 1),
-                   "elapsed_s": round(elapsed, 2)}
-            if grad_norm is not None:
-                rec["grad_norm"] = round(float(grad_norm), 4)
-            log.write(rec, echo=f"step {step}/{cfg.max_steps}  loss {losses[step]:.4f}  lr {lr:.2e}  "
-                                f"{rec['tokens_per_s']:.0f} tok/s")
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and can_eval:
-            t_eval = time.perf_counter()
-            val = evaluate(loss_fn, val_ids, seq_len, cfg.batch_size, cfg.eval_batches, device, autocast, rank, world)
-            t0 += time.perf_counter() - t_eval  # throughput counts training time only
-            log.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))},
-                      echo=f"step {step}  validation loss {val:.4f}  perplexity {math.exp(min(val, 50)):.2f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save(step)
-        if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.max_steps:
-            return {"step": step, "losses": losses, "stopped": True}
+    stop = StopRequest(progress.say, enabled=world == 1)  # Ctrl-C: end at the next step boundary
+    with stop, contextlib.closing(progress):
+        while step < cfg.max_steps:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                first = samples + micro * cfg.batch_size * world + rank * cfg.batch_size
+                x, y = sampler.batch(first, cfg.batch_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
+                    loss = model(x, y) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            samples += per_step
+            tokens_done += per_step * seq_len
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)  # gloo has no AVG
+                loss_sum /= world
+            losses[step] = float(loss_sum)
+            if main and (step % cfg.log_every == 0 or step == cfg.max_steps or step == 1):
+                elapsed = time.perf_counter() - t0
+                rec = {"step": step, "loss": losses[step], "lr": lr, "tokens_per_s": round(tokens_done / elapsed, 1),
+                       "elapsed_s": round(elapsed, 2)}
+                if grad_norm is not None:
+                    rec["grad_norm"] = round(float(grad_norm), 4)
+                log.write(rec, echo=f"step {step}/{cfg.max_steps}  loss {losses[step]:.4f}  lr {lr:.2e}  "
+                                    f"{rec['tokens_per_s']:.0f} tok/s")
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps) and can_eval:
+                t_eval = time.perf_counter()
+                val = evaluate(loss_fn, val_ids, seq_len, cfg.batch_size, cfg.eval_batches, device, autocast, rank, world)
+                t0 += time.perf_counter() - t_eval  # throughput counts training time only
+                log.write({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))},
+                          echo=f"step {step}  validation loss {val:.4f}  perplexity {math.exp(min(val, 50)):.2f}")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                save(step)
+            progress.step(losses[step])
+            if cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.max_steps:
+                return {"step": step, "losses": losses, "stopped": True}
+            if stop.requested and step < cfg.max_steps:
+                break
+    if stop.requested and step < cfg.max_steps:
+        path = save(step)
+        log.write({"event": "interrupted", "step": step, "checkpoint": os.path.relpath(path, cfg.out_dir)},
+                  echo=f"interrupted: saved a checkpoint of step {step} to {path}; to continue, repeat the command "
+                       "with --resume")
+        return {"step": step, "losses": losses, "stopped": True, "interrupted": True}
 
     save(step)
     identical = _replicas_identical(raw_model) if world > 1 else None

@@ -7,10 +7,12 @@ import sys
 
 
 class RunLog:
-    def __init__(self, out_dir: str, enabled: bool = True, keep_until_step: int | None = None):
-        """`keep_until_step`: on resume, drop records past the checkpoint (they are about to be redone)."""
+    def __init__(self, out_dir: str, enabled: bool = True, keep_until_step: int | None = None, say=None):
+        """`keep_until_step`: on resume, drop records past the checkpoint (they are about to be redone).
+        `say` prints a record's echo line (default: a line on stderr)."""
         self.path = os.path.join(out_dir, "log.jsonl")
         self.enabled = enabled
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -27,7 +29,7 @@ class RunLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if echo:
-            print(echo, file=sys.stderr, flush=True)
+            self.say(echo)
 
 
 def read_log(path: str) -> list[dict]:

@@ -11,6 +11,8 @@ PRESETS = {  # the sizes of OpenAI's four GPT-2 models
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024),
 }
 SIZE_FIELDS = ("n_layer", "n_embd", "n_head", "n_positions")
+PRETRAIN_LR = 6e-4  # GPT-2 small's peak (GPT-3 paper, table 2.1)
+FINETUNE_LR = 1e-4  # a trained model moves far less: 6e-4 undoes much of what it knew
 
 
 @dataclass
@@ -30,7 +32,7 @@ class TrainConfig:
     batch_size: int = 8  # windows per process per micro-step
     grad_accum: int = 1
     max_steps: int = 1000
-    lr: float = 6e-4
+    lr: float | None = None  # default: PRETRAIN_LR from scratch, FINETUNE_LR with `model`
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # default: 5% of max_steps
     weight_decay: float = 0.1
@@ -45,6 +47,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False  # replace a run already in out_dir
     save_dtype: str = "float32"  # precision of the final model's weights
     cache_dir: str | None = None
     log_every: int = 10
@@ -55,6 +58,10 @@ class TrainConfig:
     TRAJECTORY = ("files", "model", "preset", *SIZE_FIELDS, "dropout", "val_files", "val_fraction", "seq_len",
                   "batch_size", "grad_accum", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                   "betas", "grad_clip", "seed", "dtype")
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = FINETUNE_LR if self.model is not None else PRETRAIN_LR
 
     def validate(self) -> None:
         def positive(name):
@@ -73,6 +80,11 @@ class TrainConfig:
             raise InvalidInputError(f"val-fraction must lie in [0, 1), got {self.val_fraction}.")
         if not self.lr > 0:
             raise InvalidInputError(f"lr must be positive, got {self.lr}.")
+        if self.warmup_steps is not None and self.warmup_steps > self.max_steps:
+            raise InvalidInputError(f"--warmup-steps ({self.warmup_steps}) exceeds --max-steps ({self.max_steps}): the "
+                                    f"learning rate would never reach its peak. Use --warmup-steps {self.max_steps} or fewer.")
+        if self.resume and self.overwrite:
+            raise InvalidInputError("--resume continues the run in --out and --overwrite replaces it: pass one of them.")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise InvalidInputError(f"dropout must lie in [0, 1), got {self.dropout}.")
         if self.model is not None and (self.preset or any(getattr(self, k) is not None for k in ("n_layer", "n_embd", "n_head"))):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 
 import torch
 
 from ..utils import atomic_path, atomic_write_text
-from ..errors import GPT2KitFileError, InvalidInputError
+from ..errors import CheckpointFileError, InvalidInputError
+from ..torchfile import load_torch_file
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -26,10 +26,6 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 # the weight files a save may leave behind: model.safetensors, model-00001-of-00002.safetensors, ...
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
-
-
-class CheckpointFileError(GPT2KitFileError):
-    """A weights file that cannot be read: truncated, corrupt, or not a checkpoint at all."""
 
 
 def _corrupt(path: str, what: str) -> CheckpointFileError:
@@ -51,13 +47,14 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise _corrupt(path, f"{type(e).__name__}: {e}") from None
 
 
+_BIN_UNSAFE_HINT = ("Get the model as model.safetensors instead, or, only if you trust where this file came from, "
+                    "convert it to model.safetensors with a tool you trust.")
+
+
 def read_bin(path: str) -> dict[str, torch.Tensor]:
-    """A pytorch_model.bin, unpickled with weights_only=True (no code runs), memory-mapped when it is a zip."""
-    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) tar format cannot be mapped
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # unpickling raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-        raise _corrupt(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    """A pytorch_model.bin, rebuilt without running code (torchfile.py), memory-mapped when it is a zip
+    (the legacy pre-1.6 format cannot be mapped)."""
+    state = load_torch_file(path, what="weights file", unsafe_hint=_BIN_UNSAFE_HINT, corrupt=_corrupt, mmap=True)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise _corrupt(path, "it does not hold a flat {name: tensor} state dict")
     return state

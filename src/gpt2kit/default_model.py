@@ -4,9 +4,9 @@ on the first 90% of tinyshakespeare, shipped inside the package so that `gpt2kit
 from __future__ import annotations
 
 import os
-from ..errors import MissingFileError
+from .errors import MissingFileError
 
-_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "default-model")
+_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "default-model")
 
 
 def default_model_dir() -> str:

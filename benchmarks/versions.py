@@ -1,0 +1,108 @@
+"""gpt2kit against an earlier gpt2kit, side by side in one run: did a change cost speed?
+
+Each figure comes from a fresh process per round, with PYTHONPATH pointing at one tree's src/, the two trees
+alternating round by round (so both see the same machine load), on GPT-2 small's shape with the same random
+weights. Reports the median over rounds for each tree and the ratio new / old.
+
+    git worktree add /tmp/old <commit>
+    python benchmarks/versions.py --old /tmp/old --new .            # all cases, 3 rounds
+    python benchmarks/versions.py --old /tmp/old --cases fp32-b1,prefill-fp32-1x1024 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {  # name: (kind, dtype, batch, tokens, new tokens)
+    "fp32-b1": ("decode", "float32", 1, 16, 64),
+    "bf16-b1": ("decode", "bfloat16", 1, 16, 64),
+    "fp32-b8": ("decode", "float32", 8, 16, 64),
+    "fp32-b32": ("decode", "float32", 32, 16, 32),
+    "ttft-512": ("decode", "float32", 1, 512, 1),
+    "prefill-fp32-1x1024": ("prefill", "float32", 1, 1024, 0),
+    "prefill-bf16-1x1024": ("prefill", "bfloat16", 1, 1024, 0),
+    "prefill-fp32-8x512": ("prefill", "float32", 8, 512, 0),
+    "prefill-bf16-8x512": ("prefill", "bfloat16", 8, 512, 0),
+}
+
+
+def cpu_flags() -> str:
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags) or "none"
+
+
+def worker(case: str, repeats: int, threads: int) -> None:
+    """Runs inside the tree under test: prints one JSON line {"tokens_per_s": ...}."""
+    import torch
+
+    from gpt2kit import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    kind, dtype, B, T, new = CASES[case]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval().to(getattr(torch, dtype))
+    ids = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(1))
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):  # the first is a warm-up (packing, allocator)
+            t0 = time.perf_counter()
+            if kind == "decode":
+                model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            else:
+                model(ids, use_cache=False)
+            if i:
+                times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    n = B * (new if kind == "decode" and new > 1 else T if kind == "prefill" else 1)
+    figure = n / t if not (kind == "decode" and new == 1) else 1.0 / t  # ttft: first tokens per second
+    print(json.dumps({"tokens_per_s": figure, "seconds": t}))
+
+
+def run(tree: str, case: str, repeats: int, threads: int) -> float:
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.abspath(tree), "src"))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case, str(repeats), str(threads)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", required=False, help="the earlier tree (a worktree of the commit to compare with)")
+    ap.add_argument("--new", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions inside each process (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
+    if not args.old:
+        ap.error("--old is required")
+    print(f"CPU instruction set: {cpu_flags()}; {args.threads} threads; {args.rounds} rounds, fresh processes")
+    rows = []
+    for case in args.cases.split(","):
+        figs = {"old": [], "new": []}
+        for _ in range(args.rounds):
+            for side in ("old", "new"):
+                figs[side].append(run(getattr(args, side), case, args.repeats, args.threads))
+        old, new = statistics.median(figs["old"]), statistics.median(figs["new"])
+        unit = "first tokens/s" if case.startswith("ttft") else "tokens/s"
+        rows.append(dict(case=case, old=old, new=new, ratio=new / old, unit=unit, rounds=figs))
+        print(f"{case:22s} old {old:9.1f}  new {new:9.1f} {unit:15s} new/old {new / old:.3f}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"cpu": cpu_flags(), "threads": args.threads, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
