@@ -70,7 +70,7 @@ def _check_same_model(llama_cpp, model_dir, gguf_path, prompt_ids, n_new, atol):
 def test_default_model_runs_in_llama_cpp_as_in_gpt2kit(tmp_path):
     llama_cpp = _need_peers()
     from gpt2kit import GPT2Tokenizer
-    from gpt2kit.training.default_model import default_model_dir
+    from gpt2kit.default_model import default_model_dir
 
     path = _exporter().export_gguf(default_model_dir(), tmp_path / "default.gguf", "f32")
     text = "ROMEO:\nBut, soft! what light through yonder window breaks?"
