@@ -75,8 +75,8 @@ def test_default_model_runs_in_llama_cpp_as_in_gpt2kit(tmp_path):
     path = _exporter().export_gguf(default_model_dir(), tmp_path / "default.gguf", "f32")
     text = "ROMEO:\nBut, soft! what light through yonder window breaks?"
     prompt = GPT2Tokenizer.from_pretrained(default_model_dir())(text)["input_ids"]
-    # ggml's GELU goes through a float16 table: logits agree to ~1e-3 on this model, not to float32 rounding
-    llm = _check_same_model(llama_cpp, default_model_dir(), path, prompt, n_new=24, atol=2e-2)
+    # ggml sums in another order and approximates GELU its own way: max |logit diff| measured 1.7e-3 here
+    llm = _check_same_model(llama_cpp, default_model_dir(), path, prompt, n_new=24, atol=1e-2)
     # the tokenizer travelled too: llama.cpp's own BPE gives gpt2kit's ids and decodes them back
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == prompt
     assert llm.detokenize(prompt).decode() == text
@@ -94,7 +94,7 @@ def test_gpt2_small_shape_random_weights(tmp_path):
     exporter = _exporter()
     f32 = exporter.export_gguf(tmp_path / "ckpt", tmp_path / "f32.gguf", "f32")
     prompt = torch.randint(0, 50257, (16,), generator=torch.Generator().manual_seed(1)).tolist()
-    llm = _check_same_model(llama_cpp, tmp_path / "ckpt", f32, prompt, n_new=8, atol=2e-2)
+    llm = _check_same_model(llama_cpp, tmp_path / "ckpt", f32, prompt, n_new=8, atol=1e-2)
     del llm
 
     # quantized through llama.cpp's own quantizer: the file holds the asked-for block type and still runs

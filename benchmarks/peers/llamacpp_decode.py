@@ -254,6 +254,10 @@ def main():
         print(f"greedy continuations, gpt2kit float32 vs llama.cpp f32: first {n} of {args.new} tokens identical")
     for k, e in errors.items():
         print(f"{k}: not timed ({e})")
+    print("\n| contender | tok/s | MB read / token | floor tok/s | of floor |\n|---|---:|---:|---:|---:|")
+    for k, r in results["contenders"].items():
+        print(f"| {k} | {r['tokens_per_s']:.1f} | {r['weight_MB_per_token']:.0f} | {r['floor_tokens_per_s']:.0f} "
+              f"| {r['of_floor']:.0%} |")
     print(f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (2 cores: others were running)")
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".json")
     with os.fdopen(fd, "w") as f:
