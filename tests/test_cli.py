@@ -37,11 +37,11 @@ def test_demo_command_streams_from_the_embedded_default():
 
 
 def test_generate_streams_piece_by_piece(tiny_model, capsys, monkeypatch):
-    from gpt2kit.generation import TextStreamer
+    from gpt2kit.generate_io import CommandStreamer
 
     pieces = []
-    original = TextStreamer.on_finalized_text
-    monkeypatch.setattr(TextStreamer, "on_finalized_text",
+    original = CommandStreamer.on_finalized_text
+    monkeypatch.setattr(CommandStreamer, "on_finalized_text",
                         lambda self, text, stream_end=False: (pieces.append(text), original(self, text, stream_end)))
     code, out, _ = run(["generate", "The king", "--model", tiny_model, "--max-new-tokens", "6", "--seed", "1"], capsys)
     assert code == 0
@@ -61,6 +61,85 @@ def test_generate_json_and_stdin(tiny_model, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("From stdin"))
     code, out, _ = run(["generate", "--model", tiny_model, "--max-new-tokens", "3", "--greedy"], capsys)
     assert code == 0 and out.startswith("From stdin")
+
+
+@pytest.fixture(scope="module")
+def ending_model(tmp_path_factory, tiny_model):
+    """The tiny model made to end every sequence at once: ln_f outputs a constant vector v and the
+    end token's (tied) embedding is 10 v, so <|endoftext|> is always the most likely next token."""
+    from gpt2kit import GPT2LMHeadModel
+    from gpt2kit.training.data import load_tokenizer
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        body = model.transformer
+        v = torch.randn(body.ln_f.bias.shape, generator=torch.Generator().manual_seed(0))
+        body.ln_f.weight.zero_()
+        body.ln_f.bias.copy_(v)
+        body.wte.weight[model.config.eos_token_id] = 10 * v
+    path = tmp_path_factory.mktemp("ending")
+    model.save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_generate_json_gives_new_tokens_and_finish_reason(tiny_model, ending_model, capsys):
+    code, out, _ = run(["generate", "Once", "--model", tiny_model, "--max-new-tokens", "4", "-n", "2", "--seed", "3",
+                        "--json"], capsys)
+    assert code == 0
+    for g in json.loads(out)["generated"]:
+        assert g["finish_reason"] == "length" and g["new_tokens"] == 4, g
+    code, out, _ = run(["generate", "Once", "--model", ending_model, "--max-new-tokens", "4", "--greedy", "--json"],
+                       capsys)
+    assert code == 0
+    [g] = json.loads(out)["generated"]
+    assert g == {"generated_text": "Once", "continuation": "", "new_tokens": 1, "finish_reason": "stop"}
+
+
+def test_generate_text_ends_every_sequence_with_one_newline_and_no_end_token(tiny_model, ending_model, capsys):
+    code, out, _ = run(["generate", "Once", "--model", ending_model, "--max-new-tokens", "4", "--greedy"], capsys)
+    assert code == 0 and out == "Once\n"  # streamed; the end token is not text
+    code, out, _ = run(["generate", "Once", "--model", tiny_model, "--max-new-tokens", "3", "-n", "3", "--seed", "2"],
+                       capsys)
+    assert code == 0
+    blocks = out.split("-" * 40 + "\n")
+    assert len(blocks) == 3 and all(b.startswith("Once") and b.endswith("\n") for b in blocks), out
+    code, out, _ = run(["generate", "Once", "--model", tiny_model, "--max-new-tokens", "3", "--num-beams", "2"], capsys)
+    assert code == 0 and out.startswith("Once") and out.endswith("\n") and out.count("\n") >= 1
+
+
+def test_a_prompt_on_stdin_loses_the_newline_echo_adds(tiny_model, capsys, monkeypatch):
+    import io
+
+    for data, prompt in ((b"From stdin\n", "From stdin"), (b"two lines\n\n", "two lines\n"), (b"crlf\r\n", "crlf"),
+                         (b"no newline", "no newline"), ("caf\u00e9\n".encode(), "caf\u00e9")):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        code, out, err = run(["generate", "--model", tiny_model, "--max-new-tokens", "2", "--json"], capsys)
+        assert code == 0, err
+        assert json.loads(out)["prompt"] == prompt
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_with_where(capsys, monkeypatch):
+    import io
+
+    # argv arrives decoded with surrogateescape: b"caf\xe9 au lait" is "caf\udce9 au lait"
+    code, _, err = run(["generate", "caf\udce9 au lait"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "The prompt is not valid UTF-8: byte e9 at byte offset 3 (character 3, after 'caf')" in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\u00e9t\u00e9 ".encode() + b"\xff\xfe end\n")))
+    code, _, err = run(["generate"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "standard input is not valid UTF-8: byte ff at byte offset 6 (character 4, after '\u00e9t\u00e9 ')" in err
+    code, _, err = run(["generate", "lone \ud800 surrogate"], capsys)
+    assert code == 1 and "lone surrogate '\\ud800' at character 5" in err and "Traceback" not in err
+
+
+def test_a_non_utf8_command_line_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "gpt2kit", "generate", b"caf\xe9"], capture_output=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "LC_ALL": "C.UTF-8"})
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert "not valid UTF-8: byte e9 at byte offset 3" in err and "surrogates not allowed" not in err
 
 
 @pytest.mark.parametrize("argv, expected", [

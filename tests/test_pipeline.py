@@ -163,3 +163,69 @@ def test_generation_config_json_round_trip(ckpt, tmp_path):
     assert again.generate(enc).shape == (1, 6)  # the saved default applies
     assert again.generate(enc, max_new_tokens=5).shape == (1, 8)  # kwargs override it
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generation_config.max_new_tokens == 3
+
+
+# -- defaults that must fit the model's context -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory):
+    """A tiny model whose context (n_positions 32) is shorter than the pipeline's default of 256 new tokens,
+    as `gpt2kit train --n-positions 128` makes; GPT-2's vocabulary."""
+    d = tmp_path_factory.mktemp("gpt2-32")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32)) \
+        .save_pretrained(d)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(ASSETS / f, d / f)
+    return str(d)
+
+
+@pytest.fixture
+def fresh_notices(monkeypatch):
+    from gpt2kit import utils
+
+    monkeypatch.setattr(utils, "_SAID", set())
+
+
+def test_pipeline_default_length_is_capped_to_the_context_once(short_ckpt, fresh_notices):
+    pipe = pipeline("text-generation", model=short_ckpt)
+    with pytest.warns(UserWarning, match=r"default max_new_tokens=256 does not fit .* n_positions=32") as notes:
+        ids = pipe("the king", return_tensors=True, eos_token_id=None)[0]["generated_token_ids"]
+        texts = pipe(["the king", "a longer prompt than the first"], batch_size=2, do_sample=False)
+    assert len(ids) == 32  # the whole context: 2 prompt tokens + 30 new ones
+    assert all(t[0]["generated_text"].startswith(p) for t, p in zip(texts, ["the king", "a longer"]))
+    assert sum("does not fit" in str(n.message) for n in notes) == 1  # said once, not per call or batch
+    # a value the caller gave is never changed: it must fit
+    with pytest.raises(gpt2kit.errors.ContextLengthError, match="at most 30 new tokens"):
+        pipe("the king", max_new_tokens=256)
+    assert len(pipe("the king", max_new_tokens=7, do_sample=False, return_tensors=True)[0]["generated_token_ids"]) == 9
+
+
+def test_a_model_default_length_is_capped_but_an_explicit_one_is_strict(short_ckpt, fresh_notices):
+    model = AutoModelForCausalLM.from_pretrained(short_ckpt)
+    model.generation_config.max_new_tokens = 500  # more than n_positions allows
+    ids = torch.tensor([[464, 5822, 318]])
+    with pytest.warns(UserWarning, match=r"generation_config sets max_new_tokens=500, which does not fit"):
+        out = model.generate(ids, eos_token_id=None)
+    assert out.shape == (1, 32)
+    for kw in (dict(max_new_tokens=500), dict(generation_config=GenerationConfig(max_new_tokens=500))):
+        with pytest.raises(gpt2kit.errors.ContextLengthError, match="n_positions=32"):
+            model.generate(ids, **kw)
+    with pytest.raises(gpt2kit.errors.ContextLengthError, match="max_length=300 is beyond"):
+        model.generate(ids, max_length=300)  # the caller's max_length decides, not the model's max_new_tokens
+    assert model.generate(ids, max_length=6, eos_token_id=None).shape == (1, 6)
+
+
+def test_a_trained_model_saves_a_max_new_tokens_that_fits(tmp_path):
+    from gpt2kit.training.loop import train
+    from gpt2kit.training.settings import TrainConfig
+
+    text = tmp_path / "t.txt"
+    text.write_text("the king is dead, long live the king. " * 40)
+    train(TrainConfig(files=[str(text)], out_dir=str(tmp_path / "run"), n_layer=1, n_embd=8, n_head=2, n_positions=16,
+                      max_steps=1, batch_size=1, eval_every=1, progress=False, device="cpu"))
+    saved = GenerationConfig.from_pretrained(tmp_path / "run")
+    assert saved.max_new_tokens == 8  # half the 16-token context; 50 where the context allows
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "run").max_new_tokens == 8
+    out = pipeline("text-generation", model=str(tmp_path / "run"))("the king", return_tensors=True)
+    assert len(out[0]["generated_token_ids"]) <= 2 + 8

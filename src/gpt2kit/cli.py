@@ -11,7 +11,6 @@ GPU) end the command with one line on stderr and a non-zero exit status, never a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -118,33 +117,83 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # -- generate ---------------------------------------------------------------------------------------
+def generation_value(field: str, parse):
+    """An argparse type for a GenerationConfig field: the value must pass the rule generate() applies to it
+    (generation.config.RULES, imported only when the flag is given, as it brings in torch)."""
+    def convert(text: str):
+        from .generation.config import RULES, SAMPLING_RULES
+
+        test, what = RULES[field]
+        hint = " (for greedy decoding use --greedy)" if field in SAMPLING_RULES else ""
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}{hint}")
+        return value
+
+    convert.__name__ = parse.__name__  # argparse names the type in some messages
+    return convert
+
+
+# flags that only sampling reads: giving one asks for sampling, and contradicts --greedy
+SAMPLING_ONLY_FLAGS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
+
+
+def check_generate_flags(args, parser):
+    """Refuse flags that contradict each other (argparse would let the last one win silently)."""
+    given = [f"--{k.replace('_', '-')}" for k in SAMPLING_ONLY_FLAGS if getattr(args, k) is not None]
+    if given and args.do_sample is False:
+        parser.error(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling, but --greedy "
+                     f"was given: drop {' and '.join(given)} or --greedy")
+    if given and args.do_sample is None:
+        args.do_sample = True
+    return args
+
+
 def add_generate(sub):
     p = sub.add_parser("generate", help="continue a prompt with a GPT-2 model, streaming tokens as they come",
                        description="Continue PROMPT (or standard input) with a GPT-2 model and stream the text as it "
                                    "is generated. Without --model, the small default model bundled with gpt2kit is "
                                    "used, so this works offline.")
-    p.add_argument("prompt", nargs="?", help="the text to continue; read from standard input when omitted or '-'")
+    p.add_argument("prompt", nargs="?", help="the text to continue (UTF-8); read from standard input when omitted or "
+                                             "'-', less one trailing newline (the one echo adds)")
     p.add_argument("--model", "-m", help="a local model directory or a Hugging Face Hub name (e.g. openai-community/gpt2); "
                                          "default: the embedded Shakespeare model")
-    p.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate (default 50)")
-    p.add_argument("--num-return-sequences", "-n", type=positive_int, default=1, help="continuations to generate (default 1)")
-    p.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
-                   help="sample the next token (default: as the model's generation_config.json says; "
-                        "the embedded model samples with top-k 50)")
-    p.add_argument("--greedy", dest="do_sample", action="store_false", help="pick the most likely token every step")
-    p.add_argument("--temperature", type=positive_float, help="sampling temperature (> 0)")
-    p.add_argument("--top-k", type=nonneg_int, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--typical-p", type=_float_in(0.0, 1.0, lo_open=True), help="typical sampling mass in (0, 1]")
-    p.add_argument("--min-p", type=probability, help="drop tokens below min_p x the top probability")
-    p.add_argument("--repetition-penalty", type=positive_float, help="penalty > 1 discourages repeats")
-    p.add_argument("--no-repeat-ngram-size", type=nonneg_int, help="never repeat an n-gram of this size")
-    p.add_argument("--num-beams", type=positive_int, help="beam search with this many beams (implies --greedy)")
+    p.add_argument("--max-new-tokens", type=generation_value("max_new_tokens", int), default=50,
+                   help="tokens to generate (default 50)")
+    p.add_argument("--num-return-sequences", "-n", type=generation_value("num_return_sequences", int), default=1,
+                   help="continuations to generate (default 1; more than 1 samples, or returns the best beams)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", dest="do_sample", action="store_true", default=None,
+                      help="sample the next token (default: as the model's generation_config.json says; "
+                           "the embedded model samples with top-k 50)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="pick the most likely token every step")
+    sampling = "; implies --do-sample (default: the model's generation_config)"
+    p.add_argument("--temperature", type=generation_value("temperature", float),
+                   help=f"sampling temperature, above 0{sampling}")
+    p.add_argument("--top-k", type=generation_value("top_k", int),
+                   help=f"sample among the k most likely tokens, 0 = all{sampling}")
+    p.add_argument("--top-p", type=generation_value("top_p", float),
+                   help=f"nucleus sampling: the most likely tokens up to this probability mass{sampling}")
+    p.add_argument("--typical-p", type=generation_value("typical_p", float),
+                   help=f"typical sampling: the tokens closest to the expected information, up to this mass{sampling}")
+    p.add_argument("--min-p", type=generation_value("min_p", float),
+                   help=f"drop tokens below min_p x the top probability{sampling}")
+    p.add_argument("--repetition-penalty", type=generation_value("repetition_penalty", float),
+                   help="penalty > 1 discourages repeats")
+    p.add_argument("--no-repeat-ngram-size", type=generation_value("no_repeat_ngram_size", int),
+                   help="never repeat an n-gram of this size")
+    p.add_argument("--num-beams", type=generation_value("num_beams", int),
+                   help="beam search with this many beams: with --greedy plain beam search, with --do-sample (or a "
+                        "model that samples by default, as the embedded one does) beam sampling")
     p.add_argument("--seed", type=nonneg_int, help="random seed, for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.set_defaults(run=run_generate)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text: per sequence "
+                                                       "the text, new_tokens and finish_reason (stop or length)")
+    p.set_defaults(run=lambda args: run_generate(check_generate_flags(args, p)))
 
 
 def load_model_and_tokenizer(name, device_name: str, dtype_name: str):
@@ -182,14 +231,10 @@ SAMPLING_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "typical_p", "mi
 def run_generate(args) -> int:
     import torch
 
-    from .generation import TextStreamer
+    from . import generate_io
     from .utils import set_seed
 
-    prompt = args.prompt
-    if prompt is None or prompt == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise GPT2KitError("No prompt: give it as an argument (gpt2kit generate \"Once upon a time\") or on standard input.")
-        prompt = sys.stdin.read()
+    prompt = generate_io.read_prompt(args.prompt)
     if not prompt:
         raise GPT2KitError("The prompt is empty: give some text to continue.")
     model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype)
@@ -210,22 +255,22 @@ def run_generate(args) -> int:
     stream = not args.json and n == 1 and (args.num_beams or 1) == 1
     streamer = None
     if stream:
-        print(prompt, end="", flush=True)
-        streamer = TextStreamer(tok, skip_prompt=True)
+        streamer = generate_io.CommandStreamer(tok, prompt)
     pad = tok.pad_token_id if tok.pad_token_id is not None else model.config.eos_token_id
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                         num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             num_return_sequences=n, streamer=streamer, pad_token_id=pad, **kwargs)
+    finally:
+        if streamer is not None:  # an error or Ctrl-C mid-stream: its message starts on a line of its own
+            streamer.finish()
     if stream:
         return 0
-    texts = [tok.decode(row[L:], skip_special_tokens=True) for row in out]
+    results = generate_io.sequence_results(out, L, model.generation_config.eos_token_id,
+                                           lambda new: tok.decode(new, skip_special_tokens=True))
     if args.json:
-        print(json.dumps({"model": name, "prompt": prompt, "prompt_tokens": L,
-                          "generated": [{"generated_text": prompt + t, "continuation": t} for t in texts]}))
+        generate_io.print_json(name, prompt, L, results)
     else:
-        for i, t in enumerate(texts):
-            if i:
-                print("\n" + "-" * 40)
-            print(prompt + t)
+        generate_io.print_text(prompt, results)
     return 0
 
 

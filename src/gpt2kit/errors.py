@@ -23,6 +23,14 @@ class ContextLengthError(InvalidInputError):
     """A sequence longer than the model's n_positions (see check_context_length)."""
 
 
+class InsufficientMemoryError(GPT2KitError, MemoryError):
+    """Work that would need more memory than the device has available (refused before it starts)."""
+
+
+class NonFiniteLogitsError(GPT2KitError, RuntimeError):
+    """A model that produced NaN or infinite logits (corrupt weights, or an overflow in float16)."""
+
+
 class DeviceUnavailableError(GPT2KitError, RuntimeError):
     """A device that this machine does not have."""
 

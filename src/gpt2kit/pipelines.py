@@ -3,7 +3,8 @@
 As the reference's TextGenerationPipeline: a str gives [{"generated_text": ...}] (one dict per returned
 sequence), a list of str gives one such list per prompt; generation kwargs pass through to generate();
 the pipeline's own defaults (max_new_tokens=256, do_sample=True, temperature=0.7) apply only where neither
-the call nor the model's generation config sets a value.
+the call nor the model's generation config sets a value. The default max_new_tokens is capped to what the
+model's context leaves after the prompt (with a notice, once); a value the caller gave is never changed.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from .generation.config import FIELDS, GenerationConfig
 from .errors import InvalidInputError, InvalidArgumentError
+from .utils import warn_once
 
 SUPPORTED_TASKS = ("text-generation",)
 # the reference's defaults for free-form text, used where neither the user nor the model set a value
@@ -54,10 +56,10 @@ class TextGenerationPipeline:
                             "which GPT-2 does not have.")
         batch_size = kwargs.pop("batch_size", self.batch_size) or 1
         post = self._postprocess_params(kwargs)
-        gen_kwargs, tok_kwargs = self._split(kwargs)
+        gen_kwargs, tok_kwargs, defaulted = self._split(kwargs)
         results = []
         for start in range(0, len(prompts), batch_size):
-            results.extend(self._run(prompts[start:start + batch_size], gen_kwargs, tok_kwargs, post))
+            results.extend(self._run(prompts[start:start + batch_size], gen_kwargs, tok_kwargs, post, defaulted))
         return results[0] if single else results
 
     def _postprocess_params(self, kwargs) -> dict:
@@ -79,10 +81,12 @@ class TextGenerationPipeline:
         unknown = set(kwargs) - GENERATE_ARGS
         if unknown:
             raise InvalidArgumentError(f"text-generation pipeline got unknown argument(s): {', '.join(sorted(unknown))}.")
-        return self._with_defaults(kwargs), tok_kwargs
+        gen_kwargs, defaulted = self._with_defaults(kwargs)
+        return gen_kwargs, tok_kwargs, defaulted
 
-    def _with_defaults(self, kwargs) -> dict:
-        """The reference's rule: pipeline defaults fill what neither the call nor the model's config set."""
+    def _with_defaults(self, kwargs) -> tuple[dict, set]:
+        """The reference's rule: pipeline defaults fill what neither the call nor the model's config set.
+        Returns the generate kwargs and the names that took a pipeline default."""
         model_cfg = getattr(self.model, "generation_config", None) or GenerationConfig()
         set_params = {**model_cfg.to_diff_dict(), **kwargs}
         if kwargs.get("generation_config") is not None:
@@ -96,10 +100,28 @@ class TextGenerationPipeline:
         if kwargs.get("generation_config") is not None:
             cfg = kwargs["generation_config"].copy()
             cfg.update(**added)
-            return {**kwargs, "generation_config": cfg}
-        return {**kwargs, **added}
+            return {**kwargs, "generation_config": cfg}, set(added)
+        return {**kwargs, **added}, set(added)
 
-    def _run(self, prompts, gen_kwargs, tok_kwargs, post):
+    def _fit_default_length(self, kwargs, prompt_len) -> None:
+        """Cap the pipeline's default max_new_tokens to what the model's context leaves after the prompt
+        (a value the caller gave stays as given, and generate() refuses it if it does not fit)."""
+        cfg = kwargs.get("generation_config")
+        default = cfg.max_new_tokens if cfg is not None else kwargs["max_new_tokens"]
+        n_pos = self.model.config.n_positions
+        room = n_pos - prompt_len
+        if not 0 < room < default:
+            return
+        warn_once(f"The pipeline's default max_new_tokens={default} does not fit this model's context of "
+                  f"n_positions={n_pos} tokens: generating at most n_positions minus the prompt's length. Pass "
+                  "max_new_tokens= to choose.", stacklevel=4)
+        if cfg is not None:
+            cfg = kwargs["generation_config"] = cfg.copy()
+            cfg.max_new_tokens = room
+        else:
+            kwargs["max_new_tokens"] = room
+
+    def _run(self, prompts, gen_kwargs, tok_kwargs, post, defaulted):
         tok = self.tokenizer
         pad_missing = len(prompts) > 1 and tok.pad_token_id is None
         if pad_missing:  # padding a batch needs some id; the attention mask hides it (the reference asks users for this)
@@ -116,6 +138,8 @@ class TextGenerationPipeline:
             kwargs["tokenizer"] = tok
         if input_ids.shape[1] == 0:  # an empty prompt starts from the bos token, as generate() does
             input_ids, mask = None, None
+        if "max_new_tokens" in defaulted:
+            self._fit_default_length(kwargs, 1 if input_ids is None else input_ids.shape[1])
         out = self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         n_prompt = 0 if input_ids is None else input_ids.shape[1]

@@ -84,3 +84,17 @@ class _AtomicPath:
         elif os.path.exists(self.tmp):
             os.unlink(self.tmp)
         return False
+
+
+_SAID: set[str] = set()
+
+
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """A UserWarning shown once per process however often the code path runs (a loop over batches, a
+    server's requests), unlike warnings.warn, which the caller's filters may repeat."""
+    if message in _SAID:
+        return
+    _SAID.add(message)
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .guards import check_finite_logits
 from .outputs import GenerateBeamDecoderOnlyOutput
 from . import runner as runners
 
@@ -58,6 +59,7 @@ def beam_search(model, plan):
     cur = P
     while True:
         raw = logits.float()
+        check_finite_logits(raw, cur - P + 1, model.dtype)  # the loop reads flags back every step anyway
         logp = torch.log_softmax(raw, -1)
         if plan.processors:
             logp = plan.processors(run_seq[:, :, :cur].reshape(BK, cur), logp)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 from ..errors import InvalidInputError
 
@@ -35,6 +36,57 @@ GENERATE_ARGUMENTS = ("logits_processor", "stopping_criteria", "streamer", "toke
                       "prefix_allowed_tokens_fn", "assistant_model")
 
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
+
+def _int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+# field -> (test, what a value must be): each range defined once, applied by validate() and by the flags of
+# `gpt2kit generate` (cli.py), so the command and the API accept the same values.
+# SHAPE_RULES hold for a config on its own; VALUE_RULES are checked at generate time, as the reference
+# checks them in its logits processors; SAMPLING_RULES only when sampling (greedy ignores these values).
+SHAPE_RULES = {
+    **dict.fromkeys(("max_new_tokens", "max_length", "num_beams", "num_return_sequences"),
+                    (lambda v: _int(v) and v > 0, "a positive integer")),
+    **dict.fromkeys(("min_new_tokens", "min_length", "no_repeat_ngram_size"),
+                    (lambda v: _int(v) and v >= 0, "a non-negative integer")),
+    "pad_token_id": (lambda v: v >= 0, "a non-negative token id"),
+}
+VALUE_RULES = {
+    "top_k": (lambda v: _int(v) and v >= 0, "a non-negative integer (0 disables it)"),
+    "top_p": (lambda v: _number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "min_p": (lambda v: _number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "typical_p": (lambda v: _number(v) and 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "a strictly positive number"),
+}
+SAMPLING_RULES = {
+    "temperature": (lambda v: _number(v) and v > 0, "a strictly positive number when sampling"),
+}
+RULES = {**SHAPE_RULES, **VALUE_RULES, **SAMPLING_RULES}
+
+
+def check_value(name: str, value) -> None:
+    """Raise InvalidInputError if `value` breaks the rule for field `name` (see RULES)."""
+    test, what = RULES[name]
+    if value is not None and not test(value):
+        hint = "; for greedy decoding pass do_sample=False instead" if name in SAMPLING_RULES else ""
+        raise InvalidInputError(f"`{name}` must be {what}, but is {value!r}{hint}.")
+
+
+def fit_max_new_tokens(model) -> None:
+    """Give a model whose generation config sets no length (a freshly trained one) max_new_tokens=50, the
+    command's default, or half its context where that is shorter, so that its saved generation_config.json
+    leaves room for a prompt."""
+    gen = model.generation_config
+    if gen.max_new_tokens is None and gen.max_length is None:
+        gen.max_new_tokens = max(1, min(50, model.config.n_positions // 2))
+        gen._from_model_config = False  # now a setting of its own, not a copy of config.json's
+
 
 CONFIG_NAME = "generation_config.json"
 
@@ -67,16 +119,8 @@ class GenerationConfig:
         """
         if self.early_stopping not in (None, True, False, "never"):
             raise InvalidInputError(f"`early_stopping` must be True, False or 'never', but is {self.early_stopping!r}.")
-        for name in ("max_new_tokens", "max_length", "num_beams", "num_return_sequences"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InvalidInputError(f"`{name}` must be a positive integer, but is {value!r}.")
-        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise InvalidInputError(f"`{name}` must be a non-negative integer, but is {value!r}.")
-        if self.pad_token_id is not None and self.pad_token_id < 0:
-            raise InvalidInputError(f"`pad_token_id` must be a non-negative token id, but is {self.pad_token_id}.")
+        for name in SHAPE_RULES:
+            check_value(name, getattr(self, name))
         if self.cache_implementation is not None and self.cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise InvalidInputError(f"Unknown cache_implementation {self.cache_implementation!r}; choose one of "
                              f"{', '.join(map(repr, CACHE_IMPLEMENTATIONS))}.")
@@ -89,19 +133,11 @@ class GenerationConfig:
                                  f"but is {self.bad_words_ids!r}.")
         if not combinations:
             return
-        if self.temperature is not None and self.do_sample and self.temperature <= 0:
-            raise InvalidInputError(f"`temperature` must be a strictly positive float when sampling, but is {self.temperature}; "
-                             "for greedy decoding pass do_sample=False instead.")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise InvalidInputError(f"`top_k` must be a non-negative integer (0 disables it), but is {self.top_k!r}.")
-        if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
-            raise InvalidInputError(f"`top_p` must lie in [0, 1], but is {self.top_p}.")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise InvalidInputError(f"`min_p` must lie in [0, 1], but is {self.min_p}.")
-        if self.typical_p is not None and not 0.0 < self.typical_p <= 1.0:
-            raise InvalidInputError(f"`typical_p` must lie in (0, 1], but is {self.typical_p}.")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise InvalidInputError(f"`repetition_penalty` must be a strictly positive float, but is {self.repetition_penalty}.")
+        for name in VALUE_RULES:
+            check_value(name, getattr(self, name))
+        if self.do_sample:
+            for name in SAMPLING_RULES:
+                check_value(name, getattr(self, name))
         if self.num_return_sequences is not None and self.num_return_sequences > 1:
             beams = self.num_beams or 1
             if beams == 1 and not self.do_sample:

@@ -18,8 +18,10 @@ from .logits import build_processors
 from .outputs import GenerateDecoderOnlyOutput
 from . import runner as runners
 from .stopping import StoppingCriteriaList, StopStringCriteria
-from ..errors import ContextLengthError, InvalidArgumentError, InvalidInputError
+from .guards import check_finite_logits, check_generation_fits, nonfinite, nonfinite_logits_error
+from ..errors import ContextLengthError, InvalidArgumentError, InvalidInputError, check_context_length
 from ..model.cache import Cache, StaticCache
+from ..utils import warn_once
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs")
 
@@ -74,6 +76,9 @@ def _as_eos(eos) -> torch.LongTensor | None:
 
 def prepare(model, inputs, generation_config, logits_processor, stopping_criteria, streamer, tokenizer,
             generator, kwargs) -> Plan:
+    # a length the caller gave is strict; one from the model's generation config is a default, capped to fit
+    given = [k for k in ("max_new_tokens", "max_length") if kwargs.get(k) is not None
+             or getattr(generation_config, k, None) is not None]
     cfg, extra, default_max = _resolve_config(model, generation_config, kwargs)
     input_ids = extra.pop("input_ids", None)
     if inputs is not None and input_ids is not None:
@@ -140,20 +145,28 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
         position_ids = torch.arange(P, device=device).expand(B, P)
 
     # lengths, checked before any work
+    n_pos = model.config.n_positions
+    if given == ["max_length"]:  # the caller's max_length, not the model's default max_new_tokens, decides
+        cfg.max_new_tokens = None
+    length_key = "max_new_tokens" if cfg.max_new_tokens is not None else "max_length"
     if cfg.max_new_tokens is not None:
         max_length = P + cfg.max_new_tokens
     elif default_max:
-        max_length = min(P + cfg.max_length, model.config.n_positions)
+        max_length = min(P + cfg.max_length, n_pos)
     else:
         max_length = cfg.max_length
+    if max_length > n_pos and length_key not in given and P < n_pos:
+        warn_once(f"The model's generation_config sets {length_key}={getattr(cfg, length_key)}, which does not fit "
+                  f"its context of n_positions={n_pos} tokens: generating at most n_positions minus the prompt's "
+                  f"length. Pass {length_key}= to choose.", stacklevel=5)
+        max_length = n_pos
     if P >= max_length:
         raise InvalidInputError(f"Input length of input_ids is {P}, but `max_length` is set to {max_length}: increase "
                          "max_length or, better, set max_new_tokens.")
-    n_pos = model.config.n_positions
-    if max_length > n_pos:
-        raise InvalidInputError(f"The prompt ({P} tokens) plus max_new_tokens ({max_length - P}) is {max_length} tokens, "
-                         f"beyond this model's n_positions={n_pos} (its longest sequence). Shorten the prompt or "
-                         f"ask for at most {n_pos - P} new tokens.")
+    if length_key == "max_length" and max_length > n_pos:
+        raise ContextLengthError(f"max_length={max_length} is beyond this model's n_positions={n_pos} (its longest "
+                                 f"sequence): pass max_length <= {n_pos}, or max_new_tokens.")
+    check_context_length(P, max_length - P, n_pos)
     cfg.max_length = max_length
     if cfg.min_new_tokens is not None:
         cfg.min_length = P + cfg.min_new_tokens
@@ -163,6 +176,7 @@ def prepare(model, inputs, generation_config, logits_processor, stopping_criteri
     if cfg.repetition_penalty not in (None, 1.0) and attention_mask is not None:
         padding_lengths = (attention_mask != 0).int().argmax(1)
     expand = max(cfg.num_beams, cfg.num_return_sequences)
+    check_generation_fits(model, B * expand, B, P, max_length, cfg)
     past = _check_prefix_cache(cache, B, P, max_length, model.config) if cache is not None else 0
     if expand > 1:
         if cache is not None:  # every beam / returned sequence continues from its row's cached prefix
@@ -247,6 +261,10 @@ def sample_or_greedy(model, plan: Plan):
                     or getattr(runner, "fixed_batch", False))
     stops = plan.eos is not None or bool(plan.criteria)
     check_every = 1 if device.type == "cpu" else 8  # on a GPU, read "all done?" back only now and then
+    # NaN/inf logits: checked at once where the host waits for the device anyway (a CPU; a streamer's
+    # .cpu()), else flagged on the device and read back with "all done?" (and once at the end)
+    check_now = device.type == "cpu" or plan.streamer is not None
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with NaN/inf logits (0: none)
 
     seq = torch.full((B, plan.max_length), plan.pad, dtype=torch.long, device=device)  # rows still running
     seq[:, :P] = ids
@@ -262,6 +280,12 @@ def sample_or_greedy(model, plan: Plan):
     cur = P
     while True:
         raw = logits.float()
+        if check_now:
+            check_finite_logits(raw, cur - P + 1, model.dtype)
+        else:
+            bad = nonfinite(raw)
+            first_bad = torch.where(bad & (first_bad == 0), cur - P + 1, first_bad)
+            raw = raw.masked_fill(bad, 0.0)  # keeps sampling valid until the flag is read; the result is refused
         scores = plan.processors(seq[:, :cur], raw.clone() if want_logits else raw) if plan.processors else raw
         if want_scores:
             scores_out.append(scores)
@@ -292,7 +316,12 @@ def sample_or_greedy(model, plan: Plan):
         if cur >= plan.max_length:
             break
         if stops and (cur - P) % check_every == 0 and cur >= cfg.min_length:
-            n_left = int(unfinished.sum())
+            if check_now:
+                n_left = int(unfinished.sum())
+            else:  # one read-back for both flags
+                n_left, bad_at = torch.stack((unfinished.sum(), first_bad)).tolist()
+                if bad_at:
+                    raise nonfinite_logits_error(bad_at, model.dtype)
             if n_left == 0:
                 break
             if can_drop and n_left < unfinished.numel():
@@ -305,6 +334,8 @@ def sample_or_greedy(model, plan: Plan):
         logits = runner.step(seq[:, cur - 1], positions)
         positions = positions + 1
 
+    if not check_now and int(first_bad):
+        raise nonfinite_logits_error(int(first_bad), model.dtype)
     if stops and not bool(unfinished.any()):  # all rows ended: stop where the last one did (the reference's length)
         cur = min(cur, int(done_at.max()))
     sequences = out[:, :cur]

@@ -200,10 +200,22 @@ class GPT2Tokenizer:
     # ------------------------------------------------------------------ text -> ids
     def _encode_text(self, text: str, split_special: bool | None = None, prefix: bool | None = None,
                      offsets: bool = False):
-        """Plain ids of one text (no bos), or (ids, offsets) when `offsets`."""
+        """Plain ids of one text (no bos), or (ids, offsets) when `offsets`.
+
+        A str holding surrogates (not encodable as UTF-8) is encoded as tiktoken encodes it: a
+        surrogate pair as the character it spells, a lone surrogate as U+FFFD. The UTF-8 encode of
+        each word finds them, so text without surrogates pays nothing for this."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"Expected text as str, got {type(text).__name__}: {text!r:.80}. "
                             "Pass a str, a list of str, or (text, text_pair).")
+        try:
+            return self._encode_valid(text, split_special, prefix, offsets)
+        except UnicodeEncodeError:
+            fixed = bpe.replace_surrogates(text)
+            out = self._encode_valid(fixed, split_special, prefix, offsets)
+            return (out[0], bpe.surrogate_spans(text, fixed, out[1])) if offsets else out
+
+    def _encode_valid(self, text: str, split_special, prefix, offsets):
         split_special = self.split_special_tokens if split_special is None else split_special
         prefix = self.add_prefix_space if prefix is None else prefix
         splitter = self._splitters[bool(split_special)]

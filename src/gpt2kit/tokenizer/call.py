@@ -9,7 +9,7 @@ import inspect
 import os
 
 from . import vocab as files
-from .encoding import BatchEncoding, pad_rows, resolve_strategies, truncate
+from .encoding import UNSET_MAX_LENGTH, BatchEncoding, pad_rows, resolve_strategies, truncate
 from ..errors import InvalidArgumentError, InvalidInputError, NotSupportedError
 
 _PAD_ERROR = ("Asking to pad but the tokenizer does not have a padding token. Set one, e.g. "
@@ -234,6 +234,8 @@ def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, cache_dir=
         local_files_only=local_files_only, token=token if token is not None else use_auth_token, subfolder=subfolder)
     loaded = files.load_files(label, resolve)
     config = {k: _content(v) for k, v in loaded.config.items() if k in params}
+    if default_max is None and "model_max_length" not in kwargs:
+        _fit_to_model(config, files.model_context_length(resolve))
     for key in ("additional_special_tokens", "extra_special_tokens"):
         extra = loaded.config.get(key)
         if isinstance(extra, list) and extra:
@@ -243,6 +245,15 @@ def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, cache_dir=
     config.update(kwargs)
     config.setdefault("name_or_path", os.fspath(pretrained_model_name_or_path))
     return cls(vocab=loaded.vocab, merges=loaded.merges, added_tokens=loaded.added, **config)
+
+
+def _fit_to_model(config: dict, n_positions: int | None) -> None:
+    """A tokenizer that lives beside a model truncates to that model's context: without a
+    model_max_length in tokenizer_config.json (or with transformers' "unset" value) it takes
+    config.json's n_positions. A model_max_length that is there wins, as in transformers."""
+    given = config.get("model_max_length")
+    if n_positions is not None and (given is None or given >= UNSET_MAX_LENGTH):
+        config["model_max_length"] = n_positions
 
 
 def _content(value):

@@ -18,6 +18,7 @@ ASSETS = Path(__file__).with_name("assets")
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
 TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
 SPECIAL_MAP_FILE, ADDED_FILE = "special_tokens_map.json", "added_tokens.json"
+MODEL_CONFIG_FILE = "config.json"
 
 # Hub names whose tokenizer is exactly the bundled one, with the settings their tokenizer_config sets.
 _HUB_ALIASES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
@@ -140,6 +141,18 @@ def load_files(directory: str, resolve) -> TokenizerFiles:
     if added_json:
         added += [(i, AddedToken(c)) for c, i in _read_json(added_json).items()]
     return TokenizerFiles(vocab, merges, config, added)
+
+
+def model_context_length(resolve) -> int | None:
+    """n_positions from the config.json beside the tokenizer files (a model directory or repo), if any."""
+    path = resolve(MODEL_CONFIG_FILE)
+    if not path:
+        return None
+    try:
+        value = _read_json(path).get("n_positions")
+    except (OSError, ValueError, AttributeError):
+        return None  # not a readable model config: the model loader reports that, not the tokenizer
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def resolve_source(name_or_path, *, cache_dir=None, revision=None, local_files_only=False, token=None, subfolder=""):

@@ -85,6 +85,10 @@ def save_model_dir(model, tokenizer, directory: str, *, dtype: torch.dtype | Non
         model = copy.deepcopy(model).to(dtype)
     model.save_pretrained(directory)
     if tokenizer is not None:
+        import copy
+
+        tokenizer = copy.copy(tokenizer)  # the saved tokenizer truncates to what this model reads
+        tokenizer.model_max_length = model.config.n_positions
         tokenizer.save_pretrained(directory)
 
 

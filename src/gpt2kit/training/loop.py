@@ -29,6 +29,7 @@ from .runlog import RunLog, plot_loss
 from .schedule import warmup_cosine
 from .settings import PRESETS, SIZE_FIELDS, TrainConfig
 from ..errors import InvalidInputError
+from ..generation.config import fit_max_new_tokens
 
 # -- process group ---------------------------------------------------------------------------------
 def _distributed() -> tuple[int, int, int]:
@@ -172,6 +173,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, main: 
 
     tok = load_tokenizer(cfg.model if cfg.model and _has_tokenizer(cfg.model) else None)
     model = _build_model(cfg, len(tok), resume_dir).to(device)
+    fit_max_new_tokens(model)  # the saved generation_config.json asks for a length that fits n_positions
     seq_len = cfg.seq_len or model.config.n_positions
     if seq_len > model.config.n_positions:
         raise InvalidInputError(f"seq-len {seq_len} exceeds the model's n_positions ({model.config.n_positions}).")

@@ -22,6 +22,28 @@ def is_offline() -> bool:
     return any(v.strip().lower() in ("1", "true", "yes", "on") for v in flags)
 
 
+# A probe of the Hub's endpoint, once per process: without a network huggingface_hub retries each
+# request with backoff (5 retries, ~30 s, a log line each) before it gives up.
+PROBE_TIMEOUT_S = 3.0
+_UNREACHABLE: dict[str, str | None] = {}  # endpoint -> None (it answered) or why it cannot be reached
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hub endpoint (HF_ENDPOINT, through the user's proxies) cannot be reached, or None if it
+    answers. Any HTTP answer counts: only a connection that cannot be made means offline."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _UNREACHABLE:
+        try:
+            get_session().head(endpoint, timeout=PROBE_TIMEOUT_S)
+            _UNREACHABLE[endpoint] = None
+        except Exception as e:  # connection refused, DNS failure, timeout, proxy error: all mean "not reachable"
+            _UNREACHABLE[endpoint] = f"{endpoint} cannot be reached ({type(e).__name__}: {e})"
+    return _UNREACHABLE[endpoint]
+
+
 def _local_hint(name: str) -> str:
     return (
         f"To load without the Hub, pass a local directory instead of {name!r}: one written by "
@@ -65,6 +87,7 @@ def resolve_file(
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
         raise ModelNotFoundError(f"{name!r} is not a local directory and huggingface_hub is not installed. {_local_hint(name)}") from e
     offline = local_files_only or is_offline()
+    unreachable = None if offline else hub_unreachable()
     try:
         return huggingface_hub.hf_hub_download(
             repo_id=name,
@@ -72,12 +95,13 @@ def resolve_file(
             subfolder=subfolder or None,
             revision=revision,
             cache_dir=cache_dir,
-            local_files_only=offline,
+            local_files_only=offline or unreachable is not None,  # offline: the local cache still serves
             token=token,
         )
     # a cache miss while offline is a LocalEntryNotFoundError, a subclass of EntryNotFoundError: test it first
     except LocalEntryNotFoundError as e:
-        why = "offline mode is on (local_files_only / HF_HUB_OFFLINE)" if offline else "the Hub cannot be reached"
+        why = ("offline mode is on (local_files_only / HF_HUB_OFFLINE)" if offline else
+               f"the Hub at {unreachable}" if unreachable else "the Hub cannot be reached")
         if not required:
             return None
         raise ModelNotFoundError(
