@@ -221,13 +221,16 @@ def main():
         keep = {c.strip() for c in args.only.split(",")}
         contenders = {k: v for k, v in contenders.items() if k in keep}
 
+    print(f"timing {', '.join(contenders)}: warm-up, then {args.rounds} alternating rounds", flush=True)
     tokens = {k: run() for k, (run, _) in contenders.items()}  # warm-up, and each one's greedy tokens
     times = {k: [] for k in contenders}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for k, (run, _) in contenders.items():
             t = time.perf_counter()
             run()
             times[k].append(time.perf_counter() - t)
+        print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{k} {args.new / v[-1]:.1f}" for k, v in times.items())
+              + " tok/s", flush=True)
     load_after = os.getloadavg()
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "isa": isa, "threads": args.threads,
