@@ -12,6 +12,7 @@ the tokenizer as "gpt2" BPE with pre-tokenizer "gpt-2") follow llama.cpp's conve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,6 +38,19 @@ def _gguf():
     except ImportError:
         raise MissingFileError("The `gguf` package is needed to write GGUF files: pip install -e '.[peers]'") from None
     return gguf
+
+
+@contextlib.contextmanager
+def _atomic(path: str):
+    """Yield a temporary path beside `path`; on success it becomes `path`, on failure it is removed."""
+    fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def check_supported(config: GPT2Config) -> None:
@@ -146,9 +160,7 @@ def export_gguf(model_dir: str, out_path: str, outtype: str = "f32") -> str:
     tokens, types, merges = _vocabulary(model_dir, config)
     ftype = gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
     out_path = os.path.abspath(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=os.path.dirname(out_path))
-    os.close(fd)
-    try:
+    with _atomic(out_path) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
         w.add_name(os.path.basename(os.path.normpath(model_dir)))
         w.add_context_length(config.n_positions)
@@ -176,11 +188,6 @@ def export_gguf(model_dir: str, out_path: str, outtype: str = "f32") -> str:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out_path
 
 
@@ -198,17 +205,10 @@ def quantize_gguf(src: str, dst: str, qtype: str, n_threads: int = 2) -> str:
     params.ftype = int(getattr(gguf.LlamaFileType, "MOSTLY_" + qtype.upper()))
     params.nthread = n_threads
     dst = os.path.abspath(dst)
-    fd, tmp = tempfile.mkstemp(prefix=".gguf-", dir=os.path.dirname(dst))
-    os.close(fd)
-    try:
+    with _atomic(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), params)
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src!r} -> {qtype}) returned {rc}; llama.cpp's log above says why.")
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dst
 
 
