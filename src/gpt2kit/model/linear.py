@@ -177,8 +177,9 @@ class _PolicyLinear:
     def drop_packed(self) -> None:
         self._pack = None
 
-    def _run(self, x2: torch.Tensor, activation: str | None) -> torch.Tensor:  # (N, in) -> (N, out)
-        path = choose_path(x2, self.weight)
+    def _run(self, x2: torch.Tensor, activation: str | None, path: str | None = None) -> torch.Tensor:
+        """(N, in) -> (N, out) along `path` (default: the policy's choice for this call)."""
+        path = path or choose_path(x2, self.weight)
         self.last_path = path
         fused = FUSABLE.get(activation) if activation is not None else None
         if path == ADDMM:
@@ -243,11 +244,12 @@ class LMHead(_PolicyLinear, nn.Linear):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., V)
-        if choose_path(x.reshape(-1, self.in_features), self.weight) == ADDMM:
+        x2 = x.reshape(-1, self.in_features)
+        path = choose_path(x2, self.weight)
+        if path == ADDMM:
             self.last_path = ADDMM
             return F.linear(x, self.weight, self.bias)  # the reference's own call, for its bits
-        shape = x.shape[:-1] + (self.out_features,)
-        return self._run(x.reshape(-1, self.in_features), None).view(shape)
+        return self._run(x2, None, path).view(x.shape[:-1] + (self.out_features,))
 
     def _apply(self, fn, recurse=True):
         self._pack = None
