@@ -217,11 +217,11 @@ def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
     plain = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cache_implementation="dynamic")
     assert torch.equal(fast, plain)
     if onednn.linear_available():
-        packed = m16.lm_head._pack[2]
+        packed = m16.lm_head.packed_weight[0]
         with torch.no_grad():
             m16.lm_head.weight.mul_(1.5)  # bumps the version: the next decode repacks
         m16.generate(ids[:1], max_new_tokens=2, pad_token_id=0)
-        assert m16.lm_head._pack[2] is not packed
+        assert m16.lm_head.packed_weight[0] is not packed
 
 
 def test_packed_weights_follow_the_row_hint(sdpa_pair):
@@ -236,10 +236,10 @@ def test_packed_weights_follow_the_row_hint(sdpa_pair):
     kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     wide = ours.generate(ids, **kw)  # batch 5: the 32-row layout
     fc = ours.transformer.h[0].mlp.c_fc
-    assert fc.last_path == linear.PACKED and fc._pack[1] == 32
+    assert fc.last_path == linear.PACKED and fc.packed_weight[1] == 32
     rows = [ours.generate(ids[i:i + 1, int((mask[i] == 0).sum()):], max_new_tokens=10, pad_token_id=0)
             for i in range(ids.shape[0])]  # batch 1, unpadded: the 1-row layout
-    assert fc._pack[1] == 1
+    assert fc.packed_weight[1] == 1
     for i, r in enumerate(rows):
         assert torch.equal(wide[i, -10:], r[0, -10:])
 

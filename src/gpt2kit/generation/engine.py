@@ -265,6 +265,7 @@ def sample_or_greedy(model, plan: Plan):
     # .cpu()), else flagged on the device and read back with "all done?" (and once at the end)
     check_now = device.type == "cpu" or plan.streamer is not None
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with NaN/inf logits (0: none)
+    dtype = model.dtype  # once: the property walks the parameters
 
     seq = torch.full((B, plan.max_length), plan.pad, dtype=torch.long, device=device)  # rows still running
     seq[:, :P] = ids
@@ -281,7 +282,7 @@ def sample_or_greedy(model, plan: Plan):
     while True:
         raw = logits.float()
         if check_now:
-            check_finite_logits(raw, cur - P + 1, model.dtype)
+            check_finite_logits(raw, cur - P + 1, dtype)
         else:
             bad = nonfinite(raw)
             first_bad = torch.where(bad & (first_bad == 0), cur - P + 1, first_bad)

@@ -131,7 +131,7 @@ class StaticCache(Cache):
 
     Each slot has its own length, so rows at different positions decode in one step (model.decode, the
     server's slots); the cache is the only writer of its buffers: plan/write/commit for a forward, and
-    reset_rows, copy_prefix, select_rows, reorder_cache, crop for the schedulers.
+    reset_rows, copy_prefix, swap_rows, select_rows, reorder_cache, crop for the schedulers.
     """
 
     def __init__(self, config=None, max_batch_size: int = 1, max_cache_len: int | None = None, device=None,
@@ -156,6 +156,7 @@ class StaticCache(Cache):
         self.key_cache = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.value_cache = [make(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * max_batch_size  # positions stored, per slot
+        self.gathers = 0  # layer reads that had to copy scattered slots' rows (see write; schedulers avoid them)
         # fixed shape: which positions of each slot hold a key (read in full, masked)
         self.valid = torch.zeros(max_batch_size, self.max_cache_len, dtype=torch.bool, device=device) \
             if fixed_shape else None
@@ -219,8 +220,9 @@ class StaticCache(Cache):
         (B, H, plan.length, D) views of the buffers (a gathered copy when rows pick scattered slots)."""
         kb, vb = self.key_cache[layer_idx], self.value_cache[layer_idx]
         rows, T, S, span = plan.rows, plan.T, plan.length, plan.span
-        key, value = key.to(kb.dtype), value.to(vb.dtype)
-        if span is not None:
+        if key.dtype is not kb.dtype:
+            key, value = key.to(kb.dtype), value.to(vb.dtype)
+        if span is not None and (span[0] != 0 or span[1] != kb.shape[0]):
             kb, vb = kb[span[0]:span[1]], vb[span[0]:span[1]]  # views: the rows' own slots
         if plan.at is not None:  # fixed shape: every row at the same device positions
             if span is not None:
@@ -232,8 +234,8 @@ class StaticCache(Cache):
         elif plan.index is None:  # every row writes at the same positions
             n = plan.starts[0]
             if span is not None:
-                kb[:, :, n:n + T] = key
-                vb[:, :, n:n + T] = value
+                kb.narrow(2, n, T).copy_(key)
+                vb.narrow(2, n, T).copy_(value)
             else:
                 kb[rows, :, n:n + T] = key
                 vb[rows, :, n:n + T] = value
@@ -242,8 +244,9 @@ class StaticCache(Cache):
             kb[r, :, plan.index] = key.permute(0, 2, 1, 3)  # (B, T, H, D) at (row, position)
             vb[r, :, plan.index] = value.permute(0, 2, 1, 3)
         if span is not None:
-            return kb[:, :, :S], vb[:, :, :S]  # (B, H, S, D)
-        return kb[rows, :, :S], vb[rows, :, :S]  # gathered: scattered slots
+            return kb.narrow(2, 0, S), vb.narrow(2, 0, S)  # (B, H, S, D)
+        self.gathers += 1
+        return kb[rows, :, :S], vb[rows, :, :S]  # gathered (a copy): scattered slots
 
     def commit(self, plan: SlotWrite) -> None:
         slots = range(len(plan.starts)) if plan.rows is None else plan.rows.tolist()
@@ -292,6 +295,19 @@ class StaticCache(Cache):
                 self.valid[dst] = False
                 self.valid[dst, :n] = self.valid[src, :n]
         self.lengths[dst] = n
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange the contents of slots a and b: a scheduler keeps its decoding rows in consecutive slots
+        this way, so that each step reads the buffers as views instead of gathering rows in every layer."""
+        if a == b:
+            return
+        n = self.max_cache_len if self.fixed_shape else max(self.lengths[a], self.lengths[b])
+        if n:
+            for buf in self.key_cache + self.value_cache:
+                buf[[a, b], :, :n] = buf[[b, a], :, :n]  # the right side is gathered (a copy) first
+        if self.valid is not None:
+            self.valid[[a, b]] = self.valid[[b, a]]
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only slots `rows`, in that order (finished rows leave): the buffers shrink."""

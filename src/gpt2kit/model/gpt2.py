@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import GPT2Config
 from .cache import Cache, DynamicCache, StaticCache
-from .layers import Block, Projection
+from .layers import Block, LayerNorm, Projection
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
 from ..errors import InvalidArgumentError, InvalidInputError, check_context_length
 
@@ -269,7 +269,7 @@ class GPT2Model(GPT2PreTrainedModel):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.post_init()
 
     @property

@@ -56,13 +56,13 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         Returns float32 logits (B, logits_to_keep, V) (logits_to_keep=0: all T) and advances the slots."""
         B, T = input_ids.shape
         keep = None if logits_to_keep == 0 else min(logits_to_keep, T)
-        hint = rows_hint if rows_hint is not None else linear.pack_rows_hint(self.dtype, B)
         w = self.lm_head.weight
+        hint = rows_hint if rows_hint is not None else linear.pack_rows_hint(w.dtype, B)
         key = (w.dtype, w.data_ptr(), id(self.transformer.h))  # a walk over every module costs ~0.5 ms a step
         cached = self.__dict__.get("_may_pack")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_may_pack"] = (key, linear.packable_bytes(self) <= linear.PACK_LIMIT_BYTES)
-        with linear.decoding(hint, pack=cached[1]):
+        with linear.decoding(hint, pack=cached[1], dtype=w.dtype, device_type=w.device.type):
             h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep)
             return self.lm_head(h).float()  # (B, keep or T, V)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,18 @@ def apply_activation(y: torch.Tensor, name: str | None, training: bool = False) 
 
 
 # -- decode steps: packed weights for a row-count hint ---------------------------------------------------
-_DECODE = threading.local()  # .rows_hint (int) and .pack (bool) while a decode step runs in this thread
+class _DecodeLocal(threading.local):
+    state = None  # a _DecodeState while a decode step runs in this thread
+
+
+class _DecodeState(NamedTuple):
+    rows_hint: int  # the row count packed weights are laid out for
+    pack: bool  # whether projections may hold packed copies
+    dtype: torch.dtype | None  # the model's dtype, for which `path` was decided
+    path: str | None  # the policy's answer for (dtype, no grad, this state), decided once per step; None: ask
+
+
+_DECODE = _DecodeLocal()
 PACK_LIMIT_BYTES = 1 << 30  # a decode never packs (doubles) more than 1 GiB of weights
 
 
@@ -101,18 +113,20 @@ def pack_rows_hint(dtype, batch: int) -> int:
 
 
 @contextmanager
-def decoding(rows_hint: int, pack: bool = True):
-    """Within this block (one decode step or prefill of model.decode), projections may use packed weights."""
-    old = getattr(_DECODE, "state", None)
-    _DECODE.state = (rows_hint, pack)
+def decoding(rows_hint: int, pack: bool = True, dtype: torch.dtype | None = None, device_type: str = "cpu"):
+    """Within this block (one decode step or prefill of model.decode, gradients off), projections may use
+    packed weights. With the model's dtype given, the policy is asked once here for every projection of that
+    dtype instead of once per product (the per-call checks cost ~10 us each, 49 products a GPT-2 small step)."""
+    old = _DECODE.state
+    state = _DecodeState(rows_hint, pack, None, None)
+    path = None
+    if dtype is not None and pack:  # packed paths do not depend on the row count
+        path = _policy(device_type, dtype, dtype, False, state, 1)
+    _DECODE.state = state._replace(dtype=dtype, path=path)
     try:
         yield
     finally:
         _DECODE.state = old
-
-
-def _decode_state():
-    return getattr(_DECODE, "state", None)
 
 
 # -- the policy ------------------------------------------------------------------------------------------
@@ -120,29 +134,36 @@ def wants_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def choose_path(x2: torch.Tensor, weight: torch.Tensor, training: bool = False) -> str:
-    """The one decision of how a projection of x2 (N, in) by `weight` runs (see the module docstring).
+def choose_path(x: torch.Tensor, weight: torch.Tensor, training: bool = False) -> str:
+    """The one decision of how a projection of x (..., in) by `weight` runs (see the module docstring).
     training=True: a product inside a training step's own autograd Function (the fused loss), grad or not."""
-    if x2.device.type != "cpu" or torch.compiler.is_compiling() or not onednn.linear_available():
+    state = _DECODE.state
+    if (state is not None and state.path is not None and weight.dtype is state.dtype and x.dtype is state.dtype
+            and not training and not torch.is_grad_enabled()):
+        return state.path  # decided by _policy when the decode step began
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return _policy(x.device.type, x.dtype, weight.dtype, training or wants_grad(x, weight), state, rows)
+
+
+def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState | None, rows: int) -> str:
+    if device_type != "cpu" or torch.compiler.is_compiling() or not onednn.linear_available():
         return ADDMM
-    dtype = weight.dtype
-    if x2.dtype != dtype:
+    if x_dtype != dtype:
         return ADDMM
-    if training or wants_grad(x2, weight):
+    if grad:
         if dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
             return TRAIN
         return ADDMM
-    decode = _decode_state()
     if dtype == torch.bfloat16:
         if not onednn.bf16_available():
             return WIDENED
-        return PACKED if decode is not None and decode[1] else ONEDNN
+        return PACKED if decode is not None and decode.pack else ONEDNN
     if dtype == torch.float32:
         if decode is not None:
-            if decode[1]:
+            if decode.pack:
                 return PACKED
-            return ONEDNN if x2.shape[0] >= UNPACKED_F32_MIN_ROWS else ADDMM
-        return ONEDNN if x2.shape[0] >= FUSED_F32_MIN_ROWS else ADDMM
+            return ONEDNN if rows >= UNPACKED_F32_MIN_ROWS else ADDMM
+        return ONEDNN if rows >= FUSED_F32_MIN_ROWS else ADDMM
     return ADDMM
 
 
@@ -160,10 +181,10 @@ class _PolicyLinear:
 
     def _packed(self, rows_hint: int, widen: bool):
         w = self.weight
-        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device, widen)
-        p = self._pack
-        if p is not None and p[0] == key and (p[1] == rows_hint or widen):
-            return p[2], p[3]
+        p = self._pack  # (weight, storage, version, rows_hint, widen, packed, bias)
+        if (p is not None and p[0] is w and p[1] == w.data_ptr() and p[2] == w._version and p[4] == widen
+                and (p[3] == rows_hint or widen)):
+            return p[5], p[6]
         self._pack = None  # free the stale copy before building the new one
         with torch.no_grad():
             src = self._weight_out_in().detach()
@@ -171,34 +192,56 @@ class _PolicyLinear:
                 src = src.float()
             packed = torch.ops.mkldnn._reorder_linear_weight(src.contiguous(), rows_hint)
             bias = self.bias.detach().float() if widen and self.bias is not None else None
-        self._pack = (key, rows_hint, packed, bias)
+        self._pack = (w, w.data_ptr(), w._version, rows_hint, widen, packed, bias)
         return packed, bias
 
     def drop_packed(self) -> None:
         self._pack = None
 
-    def _run(self, x2: torch.Tensor, activation: str | None, path: str | None = None) -> torch.Tensor:
-        """(N, in) -> (N, out) along `path` (default: the policy's choice for this call)."""
-        path = path or choose_path(x2, self.weight)
-        self.last_path = path
-        fused = FUSABLE.get(activation) if activation is not None else None
-        if path == ADDMM:
-            y = torch.addmm(self.bias, x2, self._weight_in_out()) if self.bias is not None else x2 @ self._weight_in_out()
-            return apply_activation(y, activation, training=wants_grad(x2, self.weight))
-        if path == TRAIN:
-            y = _OneDNNLinear.apply(x2, self._weight_in_out(), self.bias)
-            return apply_activation(y, activation, training=True)
-        attr, algorithm = fused if fused is not None else ("none", "")
+    @property
+    def packed_weight(self):
+        """The packed copy this module holds now (None: none), and the row count it is laid out for."""
+        return (None, None) if self._pack is None else (self._pack[5], self._pack[3])
+
+    def _run(self, x: torch.Tensor, activation: str | None = None, path: str | None = None) -> torch.Tensor:
+        """(..., in) -> (..., out) along `path` (default: the policy's choice for this call). oneDNN's linear
+        takes any leading dimensions itself, so the decode paths run no reshapes around it."""
+        params = self._parameters  # not through nn.Module.__getattr__: this runs 49 times a GPT-2 small step
+        w = params["weight"]
+        path = path or choose_path(x, w)
+        self.__dict__["last_path"] = path  # past nn.Module.__setattr__ (~10 us a call)
+        if path == PACKED:  # first: the path of every decode step
+            p, hint = self._pack, _DECODE.state.rows_hint
+            if p is not None and p[0] is w and p[2] == w._version and p[3] == hint and not p[4] and p[1] == w.data_ptr():
+                packed = p[5]  # the check of _packed, inline
+            else:
+                packed = self._packed(hint, widen=False)[0]
+            fused = FUSABLE.get(activation, _NOT_FUSED) if activation is not None else _UNFUSED
+            y = _linear_pointwise(x, packed, params["bias"], fused[0], [], fused[1])
+            return y if fused is not _NOT_FUSED else apply_activation(y, activation)
+        if path == ADDMM or path == TRAIN:
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            if path == ADDMM:
+                w = self._weight_in_out()
+                y = torch.addmm(self.bias, x2, w) if self.bias is not None else x2 @ w
+                y = apply_activation(y, activation, training=wants_grad(x2, self.weight))
+            else:
+                y = apply_activation(_OneDNNLinear.apply(x2, self._weight_in_out(), self.bias), activation,
+                                     training=True)
+            return y.view(x.shape[:-1] + (y.shape[-1],))
+        fused = FUSABLE.get(activation, _NOT_FUSED) if activation is not None else _UNFUSED
         if path == ONEDNN:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self._weight_out_in(), self.bias, attr, [], algorithm)
-        elif path == PACKED:
-            packed, _ = self._packed(_decode_state()[0], widen=False)
-            y = torch.ops.mkldnn._linear_pointwise(x2, packed, self.bias, attr, [], algorithm)
+            y = torch.ops.mkldnn._linear_pointwise(x, self._weight_out_in(), self.bias, fused[0], [], fused[1])
         else:  # WIDENED
-            state = _decode_state()
-            packed, bias = self._packed(state[0] if state else 1, widen=True)
-            y = torch.ops.mkldnn._linear_pointwise(x2.float(), packed, bias, attr, [], algorithm).to(x2.dtype)
-        return y if fused is not None or activation is None else apply_activation(y, activation)
+            state = _DECODE.state
+            packed, bias = self._packed(state.rows_hint if state else 1, widen=True)
+            y = torch.ops.mkldnn._linear_pointwise(x.float(), packed, bias, fused[0], [], fused[1]).to(x.dtype)
+        return y if fused is not _NOT_FUSED else apply_activation(y, activation)
+
+
+_linear_pointwise = torch.ops.mkldnn._linear_pointwise
+_UNFUSED = ("none", "")  # no activation
+_NOT_FUSED = ("none", "", "applied after the product")  # an activation oneDNN cannot fuse
 
 
 class Projection(_PolicyLinear, nn.Module):
@@ -221,9 +264,8 @@ class Projection(_PolicyLinear, nn.Module):
     def _weight_out_in(self):
         return self.weight.t()
 
-    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:  # (..., in) -> (..., out)
-        shape = x.shape[:-1] + (self.out_features,)
-        return self._run(x.reshape(-1, self.in_features), activation).view(shape)
+    # (..., in) -> (..., out), y = act(x @ W + b): the policy's path, one Python frame (decode steps run 48)
+    forward = _PolicyLinear._run
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the packed copy belongs to the old weights
         self._pack = None
@@ -244,12 +286,11 @@ class LMHead(_PolicyLinear, nn.Linear):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., V)
-        x2 = x.reshape(-1, self.in_features)
-        path = choose_path(x2, self.weight)
+        path = choose_path(x, self.weight)
         if path == ADDMM:
-            self.last_path = ADDMM
+            self.__dict__["last_path"] = ADDMM
             return F.linear(x, self.weight, self.bias)  # the reference's own call, for its bits
-        return self._run(x2, None, path).view(x.shape[:-1] + (self.out_features,))
+        return self._run(x, None, path)
 
     def _apply(self, fn, recurse=True):
         self._pack = None
