@@ -74,6 +74,39 @@ def test_chunked_prefill_interleaves_with_decode_and_greedy_equals_generate(mode
     assert b.tokens() == generate_alone(model, b_ids, 10)
 
 
+def test_decoding_rows_stay_in_consecutive_slots_and_are_read_without_copies(model_tok):
+    """Requests that end at different steps leave holes among the slots; the engine swaps rows so that the
+    decoding ones are slots 0..B-1 and every layer reads the cache as a view (no gathered copies), and each
+    completion is still the one it gets alone."""
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=5, max_model_len=128)
+    g = torch.Generator().manual_seed(7)
+    prompts = [[int(i) for i in torch.randint(0, 50000, (n,), generator=g)] for n in (5, 17, 9, 30, 12, 21, 7)]
+    lengths = [3, 20, 6, 14, 9, 11, 4]
+    calls, decode = [], engine._decode
+
+    def spy(ids, cache, rows=None, **kw):
+        calls.append(rows.tolist())
+        return decode(ids, cache, rows=rows, **kw)
+
+    engine._decode = spy
+    clients = [submit(engine, f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts[:5], lengths[:5]))]
+    late = []
+    steps = 0
+    while not all(c.finished() for c in clients + late):
+        engine.step()
+        steps += 1
+        if steps == 8:  # two more arrive once the first have left their slots
+            late = [submit(engine, f"r{i}", prompts[i], lengths[i]) for i in (5, 6)]
+        assert steps < 200
+    batched = [rows for rows in calls if len(rows) > 1]
+    assert batched and all(rows == list(range(len(rows))) for rows in batched)
+    assert any(len(rows) < 5 for rows in batched[len(batched) // 2:])  # holes did open up
+    assert engine.cache.gathers == 0
+    for c, p, n in zip(clients + late, prompts, lengths):
+        assert c.tokens() == generate_alone(model, p, n)
+
+
 def test_prefix_reuse_counts_cached_tokens_and_changes_nothing(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_num_seqs=2, max_model_len=256)
