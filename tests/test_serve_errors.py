@@ -50,7 +50,7 @@ CASES = [
     ({"prompt": "hi", "presence_penalty": 9}, 400, "presence_penalty", []),
     ({"prompt": "hi", "frobnicate": True}, 400, "frobnicate", ["Unrecognized"]),
     ({"prompt": "hi", "max_tokens": 300}, 400, "max_tokens", ["300", "256"]),
-    ({"prompt": "hi " * 300, "max_tokens": 1}, 400, None, ["256"]),
+    ({"prompt": "hi " * 300, "max_tokens": 1}, 400, "prompt", ["256"]),
     ({"prompt": "hi", "logprobs": 6}, 400, "logprobs", ["5"]),
     ({"prompt": [1, 2, 50257]}, 400, "prompt", ["50257", "50256"]),
     ({"prompt": [[1, 2], [-1]]}, 400, "prompt", ["-1"]),

@@ -50,17 +50,20 @@ def prompt_ids(prompt, tokenizer, limits: Limits) -> list[list[int]]:
     return out
 
 
-def check_length(prompt_len: int, max_tokens: int, limits: Limits, param: str = "max_tokens") -> None:
-    """A prompt plus max_tokens must fit the model (n_positions) and the server (--max-model-len)."""
+def check_length(prompt_len: int, max_tokens: int, limits: Limits, param: str = "max_tokens",
+                 prompt_param: str = "prompt") -> None:
+    """A prompt plus max_tokens must fit the model (n_positions) and the server (--max-model-len). The error
+    names the field to change: the prompt when it alone is too long, else the token count asked for."""
+    blame = prompt_param if prompt_len >= min(limits.n_positions, limits.max_model_len) else param
     try:
         check_context_length(prompt_len, max_tokens, limits.n_positions, what=param)
     except ContextLengthError as e:
-        raise APIError(str(e), param=param, code="context_length_exceeded") from None
+        raise APIError(str(e), param=blame, code="context_length_exceeded") from None
     if prompt_len + max_tokens > limits.max_model_len:
         raise APIError(f"This server's context is {limits.max_model_len} tokens (--max-model-len), but the prompt "
                        f"({prompt_len} tokens) plus {param} ({max_tokens}) is {prompt_len + max_tokens}. Shorten the "
                        f"prompt or ask for at most {max(limits.max_model_len - prompt_len, 0)} tokens.",
-                       param=param, code="context_length_exceeded")
+                       param=blame, code="context_length_exceeded")
 
 
 def check_logprobs(k: int | None, limits: Limits, param: str) -> None:

@@ -267,7 +267,7 @@ async def create_chat_completion(state, req: ChatCompletionRequest, request):
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = asked if asked is not None else limits.max_model_len - len(ids)
-    check_length(len(ids), max_tokens, limits, param)
+    check_length(len(ids), max_tokens, limits, param, prompt_param="messages")
     params = sampling_params(req, max_tokens, limits)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     request_id = new_id("chatcmpl")
