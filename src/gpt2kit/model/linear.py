@@ -180,10 +180,11 @@ class _PolicyLinear:
         raise NotImplementedError
 
     def _packed(self, rows_hint: int, widen: bool):
-        w = self.weight
+        """(packed weight, float32 bias or None): the copy held if it is still this weight's, else a new one."""
+        w = self._parameters["weight"]
         p = self._pack  # (weight, storage, version, rows_hint, widen, packed, bias)
-        if (p is not None and p[0] is w and p[1] == w.data_ptr() and p[2] == w._version and p[4] == widen
-                and (p[3] == rows_hint or widen)):
+        if (p is not None and p[0] is w and p[2] == w._version and p[4] == widen and (p[3] == rows_hint or widen)
+                and p[1] == w.data_ptr()):
             return p[5], p[6]
         self._pack = None  # free the stale copy before building the new one
         with torch.no_grad():
@@ -210,16 +211,11 @@ class _PolicyLinear:
         w = params["weight"]
         path = path or choose_path(x, w)
         self.__dict__["last_path"] = path  # past nn.Module.__setattr__ (~10 us a call)
+        fused = FUSABLE.get(activation, _NOT_FUSED) if activation is not None else _UNFUSED
         if path == PACKED:  # first: the path of every decode step
-            p, hint = self._pack, _DECODE.state.rows_hint
-            if p is not None and p[0] is w and p[2] == w._version and p[3] == hint and not p[4] and p[1] == w.data_ptr():
-                packed = p[5]  # the check of _packed, inline
-            else:
-                packed = self._packed(hint, widen=False)[0]
-            fused = FUSABLE.get(activation, _NOT_FUSED) if activation is not None else _UNFUSED
-            y = _linear_pointwise(x, packed, params["bias"], fused[0], [], fused[1])
-            return y if fused is not _NOT_FUSED else apply_activation(y, activation)
-        if path == ADDMM or path == TRAIN:
+            y = _linear_pointwise(x, self._packed(_DECODE.state.rows_hint, widen=False)[0], params["bias"],
+                                  fused[0], [], fused[1])
+        elif path == ADDMM or path == TRAIN:
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
             if path == ADDMM:
                 w = self._weight_in_out()
@@ -229,15 +225,13 @@ class _PolicyLinear:
                 y = apply_activation(_OneDNNLinear.apply(x2, self._weight_in_out(), self.bias), activation,
                                      training=True)
             return y.view(x.shape[:-1] + (y.shape[-1],))
-        fused = FUSABLE.get(activation, _NOT_FUSED) if activation is not None else _UNFUSED
-        if path == ONEDNN:
-            y = torch.ops.mkldnn._linear_pointwise(x, self._weight_out_in(), self.bias, fused[0], [], fused[1])
+        elif path == ONEDNN:
+            y = _linear_pointwise(x, self._weight_out_in(), params["bias"], fused[0], [], fused[1])
         else:  # WIDENED
             state = _DECODE.state
             packed, bias = self._packed(state.rows_hint if state else 1, widen=True)
-            y = torch.ops.mkldnn._linear_pointwise(x.float(), packed, bias, fused[0], [], fused[1]).to(x.dtype)
+            y = _linear_pointwise(x.float(), packed, bias, fused[0], [], fused[1]).to(x.dtype)
         return y if fused is not _NOT_FUSED else apply_activation(y, activation)
-
 
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise
 _UNFUSED = ("none", "")  # no activation
