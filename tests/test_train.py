@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -115,8 +116,17 @@ def test_a_run_directory_is_replaced_only_with_overwrite(tmp_path, text_file):
     assert [r["event"] for r in read_log(out) if "event" in r] == ["start", "end"]
 
 
-def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path, text_file, monkeypatch, capsys):
-    import signal
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as a terminal's Python has it: a shell that starts the suite in the background (`pytest &`)
+    makes the process ignore SIGINT, and a run then rightly keeps ignoring it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_path, text_file, monkeypatch, capsys,
+                                                                          terminal_sigint):
 
     from gpt2kit.cli import main
 
@@ -145,6 +155,21 @@ def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_resumes_exactly(tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     assert main(["train", *argv, "--out", out, "--resume"]) == 0
     assert log_losses(out) == full
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path, text_file):
+    """A run started with SIGINT ignored (nohup, `cmd &` in a script) must not start answering Ctrl-C."""
+    from gpt2kit.training import interrupt
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupt.StopRequest(print, enabled=True) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class FakeTerminal:

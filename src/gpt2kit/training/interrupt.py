@@ -12,6 +12,8 @@ class StopRequest:
     def __init__(self, say, enabled: bool):
         self.requested, self.say, self.previous = False, say, None
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        # a process started with SIGINT ignored (nohup, `cmd &` in a script) keeps ignoring it
+        self.enabled = self.enabled and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
     def __enter__(self):
         if self.enabled:
