@@ -19,8 +19,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# one worker per core, a test file per worker at a time (a file's server fixture starts once); every test
+# process computes on one thread (tests/conftest.py), so the suite stays quick when the machine is shared
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/gpt2kit generate "Hello, I'm a language model"

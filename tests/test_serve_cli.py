@@ -59,41 +59,56 @@ def test_tokenizer_config_template_is_used_as_transformers_renders_it(tmp_path):
 def test_chat_template_file_overrides_and_builtin_is_plain(tmp_path):
     f = tmp_path / "t.jinja"
     f.write_text(TEMPLATE)
-    srv = ServerProcess("--no-ui", "--chat-template", str(f))
+    # both servers start at once (each start-up imports torch)
+    srv, plain = ServerProcess("--no-ui", "--chat-template", str(f), wait=False), ServerProcess("--no-ui", wait=False)
     try:
         from gpt2kit import GPT2Tokenizer
 
+        srv.wait_ready()
         tok = GPT2Tokenizer.from_pretrained(str(DEFAULT_MODEL))
         assert rendered_ids(srv) == tok.encode(transformers_render(DEFAULT_MODEL, TEMPLATE))
         r = httpx.post(srv.base + "/chat/completions", json={"messages": [{"role": "forbidden", "content": "x"}],
                                                               "max_tokens": 1})
         assert r.status_code == 400 and "no forbidden role" in r.json()["error"]["message"]
-    finally:
-        assert srv.stop() == 0
-    srv = ServerProcess("--no-ui")
-    try:
-        assert rendered_ids(srv) == tok.encode("system:  Be brief. \nuser: Hello?\nassistant:")
+
+        plain.wait_ready()
+        assert rendered_ids(plain) == tok.encode("system:  Be brief. \nuser: Hello?\nassistant:")
         # a template error is the request's problem, never a 500
-        r = httpx.post(srv.base + "/chat/completions", json={"messages": [{"role": "user"}], "max_tokens": 1})
+        r = httpx.post(plain.base + "/chat/completions", json={"messages": [{"role": "user"}], "max_tokens": 1})
         assert r.status_code == 200
-        assert httpx.get(srv.url + "/").status_code == 404  # --no-ui: no playground page
+        assert httpx.get(plain.url + "/").status_code == 404  # --no-ui: no playground page
     finally:
-        assert srv.stop() == 0
+        assert [srv.stop(), plain.stop()] == [0, 0]
 
 
-def run_cli(*args, timeout=120):
+def run_clis(*arg_lists, timeout=120):
+    """Each argument list as its own `gpt2kit serve` process, all at once (each start-up imports torch)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gpt2kit", "serve", "--port", "0", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    procs = [subprocess.Popen([sys.executable, "-m", "gpt2kit", "serve", "--port", "0", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for args in arg_lists]
+    done = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:  # one that started serving instead of failing
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
 
 
 def test_startup_errors_are_one_line(tmp_path):
-    r = run_cli(str(tmp_path / "missing-model"))
+    missing, template, too_long, no_seqs = run_clis([str(tmp_path / "missing-model")],
+                                                    ["--chat-template", str(tmp_path / "none.jinja")],
+                                                    ["--max-model-len", "5000"], ["--max-num-seqs", "0"])
+    r = missing
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "gpt2kit serve: error:" in r.stderr, r.stderr
-    r = run_cli("--chat-template", str(tmp_path / "none.jinja"))
+    r = template
     assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = run_cli("--max-model-len", "5000")
+    r = too_long
     assert r.returncode == 1 and "n_positions=256" in r.stderr, r.stderr
-    r = run_cli("--max-num-seqs", "0")
+    r = no_seqs
     assert r.returncode == 2 and "positive integer" in r.stderr
 

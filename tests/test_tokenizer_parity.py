@@ -91,7 +91,7 @@ _pieces = st.lists(st.one_of(st.text(_chars, max_size=12), st.text(_surrogates, 
                    max_size=12)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.one_of(st.text(_chars), _pieces.map("".join)))
 def test_property_arbitrary_unicode(text):
     enc = tiktoken_encoding()
