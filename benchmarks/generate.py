@@ -203,10 +203,13 @@ def main():
     bw = read_bandwidth(device)
     floor_b1 = bw / weight_bytes_per_token(ours, torch.float32)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    results = {"device": dev_name, "threads": args.threads, "torch": torch.__version__,
+    from gpt2kit.cpu import instruction_set
+
+    isa = instruction_set() if device.type == "cpu" else "n/a"
+    results = {"device": dev_name, "instruction_set": isa, "threads": args.threads, "torch": torch.__version__,
                "transformers": transformers.__version__, "read_bandwidth_GBps": bw / 1e9,
                "floor_tokens_per_s_fp32_b1": floor_b1, "cases": {}}
-    print(f"device {dev_name}, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"device {dev_name}, instruction set {isa}, {args.threads} threads, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"read bandwidth (8192x8192 float32 matrix-vector): {bw / 1e9:.1f} GB/s")
     for dt in (torch.float32, torch.bfloat16):
         wb = weight_bytes_per_token(ours, dt)

@@ -200,6 +200,10 @@ def main() -> None:
                     row["floor"] = run_worker("floor", dtype, str(b), str(t))
                     results["prefill"].append(row)
 
+    from gpt2kit.cpu import instruction_set
+
+    results["instruction_set"] = instruction_set()
+    print(f"CPU instruction set: {results['instruction_set']}")
     report(results)
     os.makedirs(os.path.join(HERE, "out"), exist_ok=True)
     with open(os.path.join(HERE, "out", "load_and_forward.json"), "w") as f:

@@ -181,17 +181,17 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(json.loads(args.child))
-    if args.kernels:
-        from gpt2kit.quantization import native
+    from gpt2kit.cpu import instruction_set
 
-        print(json.dumps(dict(instruction_set=native.instruction_set(), threads=torch.get_num_threads(),
+    if args.kernels:
+        print(json.dumps(dict(instruction_set=instruction_set(), threads=torch.get_num_threads(),
                               load_average=os.getloadavg())))
         return kernels(args.kernels)
 
     from gpt2kit.quantization import native
 
     bw = bandwidth_gb_s()
-    info = dict(instruction_set=native.instruction_set(), native_kernels=native.library() is not None,
+    info = dict(instruction_set=instruction_set(), native_kernels=native.library() is not None,
                 threads=torch.get_num_threads(), bandwidth_gb_s=bw, load_average=os.getloadavg())
     print(json.dumps(info))
     new = dict(item.split("=") for item in args.new_tokens.split(","))

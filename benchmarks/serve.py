@@ -254,7 +254,11 @@ def main() -> int:
     from gpt2kit import GPT2Tokenizer
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    results = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}, "closed_loop": []}
+    from gpt2kit.cpu import instruction_set
+
+    results = {"machine": {"cpus": os.cpu_count(), "instruction_set": instruction_set(),
+                           "load_average_at_start": os.getloadavg()}, "closed_loop": []}
+    print(json.dumps(results["machine"]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(pathlib.Path(tmp) / "gpt2-small-random", n_positions=1024 + 128)
         tok = GPT2Tokenizer.from_pretrained(str(model_dir))

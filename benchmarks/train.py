@@ -137,8 +137,11 @@ def main():
         return
     import transformers
 
+    from gpt2kit.cpu import instruction_set
+
     rows = []
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()}, "
+          f"{instruction_set()}, "
           f"{torch.get_num_threads()} threads, device {device}")
     print(f"{'config':8} {'prec':5} {'B x T':>9} {'transformers tok/s':>19} {'gpt2kit tok/s':>14} {'ratio':>6}"
           f" {'ratio by CPU time':>18}")

@@ -32,11 +32,9 @@ CASES = {  # name: (kind, dtype, batch, tokens, new tokens)
 
 
 def cpu_flags() -> str:
-    try:
-        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags) or "none"
+    from gpt2kit.cpu import instruction_set  # this checkout's, whichever trees are compared
+
+    return instruction_set()
 
 
 def worker(case: str, repeats: int, threads: int) -> None:

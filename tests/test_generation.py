@@ -224,22 +224,29 @@ def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
         assert m16.lm_head.packed_weight[0] is not packed
 
 
-def test_packed_weights_follow_the_row_hint(sdpa_pair):
-    """Each projection owns one packed layout: a batch of 5 lays float32 weights out for 32 rows, batch 1 for
-    one row, and the two give the same tokens."""
+@pytest.mark.parametrize("mkl_wins", [False, True])
+def test_packed_weights_follow_the_row_hint(sdpa_pair, monkeypatch, mkl_wins):
+    """Each projection owns one packed layout: a batch of 5 lays float32 weights out for 32 rows; batch 1 packs
+    for one row, or, where MKL's one-row product is the faster (Intel CPUs), runs addmm on the plain weight.
+    All give the same tokens."""
+    from gpt2kit import cpu
     from gpt2kit.model import linear, onednn
 
     _, ours = sdpa_pair
     if not onednn.linear_available():
         pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(cpu, "mkl_gemv_wins", lambda: mkl_wins)
     ids, mask = prompts(batch=5, length=9, seed=3)
     kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     wide = ours.generate(ids, **kw)  # batch 5: the 32-row layout
     fc = ours.transformer.h[0].mlp.c_fc
     assert fc.last_path == linear.PACKED and fc.packed_weight[1] == 32
     rows = [ours.generate(ids[i:i + 1, int((mask[i] == 0).sum()):], max_new_tokens=10, pad_token_id=0)
-            for i in range(ids.shape[0])]  # batch 1, unpadded: the 1-row layout
-    assert fc.packed_weight[1] == 1
+            for i in range(ids.shape[0])]  # batch 1, unpadded
+    if mkl_wins:
+        assert fc.last_path == ours.lm_head.last_path == linear.ADDMM and fc.packed_weight[1] == 32  # not repacked
+    else:
+        assert fc.last_path == linear.PACKED and fc.packed_weight[1] == 1  # the 1-row layout
     for i, r in enumerate(rows):
         assert torch.equal(wide[i, -10:], r[0, -10:])
 
@@ -314,3 +321,17 @@ def test_flash_attention_2_names_what_exists_here():
     with pytest.raises(ValueError, match="'sdpa'.*'eager'") as e:
         GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, attn_implementation="flash_attention_2"))
     assert "GPU kernels" in str(e.value)
+
+
+def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
+    """On this machine's CPU, a batch-1 float32 decode runs the path cpu.mkl_gemv_wins names: MKL's addmm on
+    an Intel CPU, oneDNN on packed weights elsewhere (measured in cpu.py)."""
+    from gpt2kit import cpu
+    from gpt2kit.model import linear, onednn
+
+    _, ours = sdpa_pair
+    if not onednn.linear_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    ours.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0)
+    want = linear.ADDMM if cpu.vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else linear.PACKED
+    assert ours.transformer.h[0].attn.c_attn.last_path == ours.lm_head.last_path == want

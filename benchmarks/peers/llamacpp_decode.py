@@ -36,28 +36,24 @@ import gguf_export  # noqa: E402  (the sibling module)
 OUT = os.path.join(os.path.dirname(HERE), "out")
 CKPT = os.path.join(OUT, "gpt2-small-random")
 LLAMA_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_K_M")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx")
 # (gpt2kit contender, llama.cpp contender): the same weight format, or the nearest one llama.cpp has
 PAIRS = [("gpt2kit-float32", "llama.cpp-f32"), ("gpt2kit-int8", "llama.cpp-q8_0"),
          ("gpt2kit-int4-g32", "llama.cpp-q4_0"), ("gpt2kit-bfloat16", "llama.cpp-f16"),
          ("gpt2kit-nf4", "llama.cpp-q4_0")]
 
 
-def cpu_isa() -> tuple[str, list[str]]:
-    """(model name, the instruction-set extensions of ISA_FLAGS this CPU reports; "amx" = any amx_* flag)."""
-    name, flags = platform.processor() or "cpu", set()
+def cpu_isa() -> tuple[str, str]:
+    """(this CPU's model name, the instruction set PyTorch uses on it, as gpt2kit.cpu words it)."""
+    from gpt2kit.cpu import instruction_set
+
+    name = platform.processor() or "cpu"
     with open("/proc/cpuinfo") as f:
         for line in f:
             key, _, value = line.partition(":")
             if key.strip() == "model name":
                 name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
                 break
-    have = [f for f in ISA_FLAGS if f in flags]
-    if any(f.startswith("amx_") for f in flags):
-        have.append("amx")
-    return name, have
+    return name, instruction_set()
 
 
 def read_bandwidth(repeats: int = 7) -> float:
@@ -203,7 +199,7 @@ def main():
         sys.exit("llama-cpp-python is not installed: pip install -e '.[peers]' (it compiles llama.cpp: minutes)")
     torch.set_num_threads(args.threads)
     cpu, isa = cpu_isa()
-    tag = f"[{cpu}; {' '.join(isa) or 'no AVX2'}; {args.threads} threads]"
+    tag = f"[{cpu}; {isa}; {args.threads} threads]"
     load_before = os.getloadavg()
     bw = read_bandwidth()
     print(f"{tag} read bandwidth (torch.sum over 1 GiB float32): {bw / 1e9:.1f} GB/s; load average {load_before[0]:.1f}")

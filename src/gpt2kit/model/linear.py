@@ -22,8 +22,9 @@ Measured reasons for the thresholds (GPT-2 small's shapes, 2 threads):
 - bf16 inference with native bf16 always fuses: addmm plus the five-op GELU took 76 ms where the fused op took
   50 ms at 1 x 1024 tokens; the GELU formula alone was a third of a bf16 forward.
 - PACKED at batch 1, bf16: the 48 block matrices 39 against 60 ms plain, the head 13.5 against 29 ms; float32
-  20.1 against 28.7 ms per decode step; at 32 rows a 32-row layout runs the block products 20-30% faster than
-  a 1-row layout (pack_rows_hint).
+  20.1 against 28.7 ms per decode step on an AMD EPYC, but on an Intel Xeon MKL's one-row product (ADDMM) is
+  the faster (cpu.mkl_gemv_wins); at 32 rows a 32-row layout runs the block products 20-30% faster than a
+  1-row layout (pack_rows_hint), and from 8 rows packed beats MKL on the Xeon too (29.6 against 44.6 ms).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import onednn
+from .. import cpu
 from ..errors import InvalidInputError
 
 ADDMM, ONEDNN, PACKED, WIDENED, TRAIN = "addmm", "onednn", "onednn-packed", "float32-copy", "onednn-train"
@@ -160,8 +162,8 @@ def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState |
         return PACKED if decode is not None and decode.pack else ONEDNN
     if dtype == torch.float32:
         if decode is not None:
-            if decode.pack:
-                return PACKED
+            if decode.pack:  # one row on an Intel CPU: MKL's matrix-vector product is the faster (cpu.py)
+                return ADDMM if decode.rows_hint == 1 and cpu.mkl_gemv_wins() else PACKED
             return ONEDNN if rows >= UNPACKED_F32_MIN_ROWS else ADDMM
         return ONEDNN if rows >= FUSED_F32_MIN_ROWS else ADDMM
     return ADDMM

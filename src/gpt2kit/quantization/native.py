@@ -19,29 +19,11 @@ import tempfile
 
 import torch
 
+from ..cpu import cpu_flags
+
 logger = logging.getLogger("gpt2kit.quantization")
 
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def instruction_set() -> str:
-    """This CPU's vector instruction set in words, e.g. 'AVX512 (+BF16, VNNI, AMX)'."""
-    flags = cpu_flags()
-    base = torch.backends.cpu.get_cpu_capability()
-    extras = [name for flag, name in (("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI"), ("amx_tile", "AMX"),
-                                      ("avx512_fp16", "FP16")) if flag in flags]
-    return f"{base} (+{', '.join(extras)})" if extras else base
 
 
 def _cache_dir() -> str:
