@@ -244,7 +244,8 @@ def test_packed_weights_follow_the_row_hint(sdpa_pair, monkeypatch, mkl_wins):
     rows = [ours.generate(ids[i:i + 1, int((mask[i] == 0).sum()):], max_new_tokens=10, pad_token_id=0)
             for i in range(ids.shape[0])]  # batch 1, unpadded
     if mkl_wins:
-        assert fc.last_path == ours.lm_head.last_path == linear.ADDMM and fc.packed_weight[1] == 32  # not repacked
+        assert fc.last_path == linear.ADDMM and fc.packed_weight[1] == 32  # not repacked
+        assert ours.lm_head.last_path == linear.PACKED and ours.lm_head.packed_weight[1] == 1  # the head packs
     else:
         assert fc.last_path == linear.PACKED and fc.packed_weight[1] == 1  # the 1-row layout
     for i, r in enumerate(rows):
@@ -324,8 +325,8 @@ def test_flash_attention_2_names_what_exists_here():
 
 
 def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
-    """On this machine's CPU, a batch-1 float32 decode runs the path cpu.mkl_gemv_wins names: MKL's addmm on
-    an Intel CPU, oneDNN on packed weights elsewhere (measured in cpu.py)."""
+    """On this machine's CPU, a batch-1 float32 decode runs the path cpu.mkl_gemv_wins names for the blocks:
+    MKL's addmm on an Intel CPU, oneDNN on packed weights elsewhere (measured in cpu.py); the head packs."""
     from gpt2kit import cpu
     from gpt2kit.model import linear, onednn
 
@@ -334,4 +335,4 @@ def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
         pytest.skip("this torch build has no oneDNN linear")
     ours.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0)
     want = linear.ADDMM if cpu.vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else linear.PACKED
-    assert ours.transformer.h[0].attn.c_attn.last_path == ours.lm_head.last_path == want
+    assert ours.transformer.h[0].attn.c_attn.last_path == want and ours.lm_head.last_path == linear.PACKED

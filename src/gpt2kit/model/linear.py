@@ -100,6 +100,7 @@ class _DecodeState(NamedTuple):
     pack: bool  # whether projections may hold packed copies
     dtype: torch.dtype | None  # the model's dtype, for which `path` was decided
     path: str | None  # the policy's answer for (dtype, no grad, this state), decided once per step; None: ask
+    head_path: str | None  # the same for the vocabulary head
 
 
 _DECODE = _DecodeLocal()
@@ -120,11 +121,12 @@ def decoding(rows_hint: int, pack: bool = True, dtype: torch.dtype | None = None
     packed weights. With the model's dtype given, the policy is asked once here for every projection of that
     dtype instead of once per product (the per-call checks cost ~10 us each, 49 products a GPT-2 small step)."""
     old = _DECODE.state
-    state = _DecodeState(rows_hint, pack, None, None)
-    path = None
+    state = _DecodeState(rows_hint, pack, None, None, None)
+    path = head_path = None
     if dtype is not None and pack:  # packed paths do not depend on the row count
         path = _policy(device_type, dtype, dtype, False, state, 1)
-    _DECODE.state = state._replace(dtype=dtype, path=path)
+        head_path = _policy(device_type, dtype, dtype, False, state, 1, head=True)
+    _DECODE.state = state._replace(dtype=dtype, path=path, head_path=head_path)
     try:
         yield
     finally:
@@ -136,18 +138,20 @@ def wants_grad(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
-def choose_path(x: torch.Tensor, weight: torch.Tensor, training: bool = False) -> str:
+def choose_path(x: torch.Tensor, weight: torch.Tensor, training: bool = False, head: bool = False) -> str:
     """The one decision of how a projection of x (..., in) by `weight` runs (see the module docstring).
-    training=True: a product inside a training step's own autograd Function (the fused loss), grad or not."""
+    training=True: a product inside a training step's own autograd Function (the fused loss), grad or not.
+    head=True: the vocabulary head (LMHead)."""
     state = _DECODE.state
     if (state is not None and state.path is not None and weight.dtype is state.dtype and x.dtype is state.dtype
             and not training and not torch.is_grad_enabled()):
-        return state.path  # decided by _policy when the decode step began
+        return state.head_path if head else state.path  # decided by _policy when the decode step began
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return _policy(x.device.type, x.dtype, weight.dtype, training or wants_grad(x, weight), state, rows)
+    return _policy(x.device.type, x.dtype, weight.dtype, training or wants_grad(x, weight), state, rows, head)
 
 
-def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState | None, rows: int) -> str:
+def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState | None, rows: int,
+            head: bool = False) -> str:
     if device_type != "cpu" or torch.compiler.is_compiling() or not onednn.linear_available():
         return ADDMM
     if x_dtype != dtype:
@@ -162,8 +166,9 @@ def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState |
         return PACKED if decode is not None and decode.pack else ONEDNN
     if dtype == torch.float32:
         if decode is not None:
-            if decode.pack:  # one row on an Intel CPU: MKL's matrix-vector product is the faster (cpu.py)
-                return ADDMM if decode.rows_hint == 1 and cpu.mkl_gemv_wins() else PACKED
+            if decode.pack:  # a block's one-row product on an Intel CPU: MKL's is the faster (cpu.py); not
+                # the head's (50257 x 768 at one row on the Xeon: 7.1 ms packed against 8.0 in MKL)
+                return ADDMM if decode.rows_hint == 1 and not head and cpu.mkl_gemv_wins() else PACKED
             return ONEDNN if rows >= UNPACKED_F32_MIN_ROWS else ADDMM
         return ONEDNN if rows >= FUSED_F32_MIN_ROWS else ADDMM
     return ADDMM
@@ -282,7 +287,7 @@ class LMHead(_PolicyLinear, nn.Linear):
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., C) -> (..., V)
-        path = choose_path(x, self.weight)
+        path = choose_path(x, self.weight, head=True)
         if path == ADDMM:
             self.__dict__["last_path"] = ADDMM
             return F.linear(x, self.weight, self.bias)  # the reference's own call, for its bits
