@@ -333,6 +333,10 @@ def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
     _, ours = sdpa_pair
     if not onednn.linear_available():
         pytest.skip("this torch build has no oneDNN linear")
-    ours.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, pad_token_id=0)
+    out = ours.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                        pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     want = linear.ADDMM if cpu.vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else linear.PACKED
     assert ours.transformer.h[0].attn.c_attn.last_path == want and ours.lm_head.last_path == linear.PACKED
+    with torch.no_grad():  # every step's logits against the plain forward (the decode's GELU is one kernel)
+        ref = ours(out.sequences).logits[0, 2:-1]  # (5, V)
+    torch.testing.assert_close(torch.cat(out.logits), ref, rtol=0, atol=1e-4)

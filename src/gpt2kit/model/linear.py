@@ -79,13 +79,14 @@ def check_activation(name: str) -> None:
         raise InvalidInputError(f"Unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}.")
 
 
-def apply_activation(y: torch.Tensor, name: str | None, training: bool = False) -> torch.Tensor:
-    """The activation `name` (a config activation_function) on y, unfused. In training the tanh GELUs use
-    PyTorch's one-kernel GELU and its one-kernel backward instead of the five-op formula that autograd
-    differentiates op by op (7 against 36 ms forward + backward on a (1024, 3072) float32 input; within 2.4e-7)."""
+def apply_activation(y: torch.Tensor, name: str | None, one_kernel: bool = False) -> torch.Tensor:
+    """The activation `name` (a config activation_function) on y, unfused. one_kernel (training, decode
+    steps): the tanh GELUs use PyTorch's one-kernel GELU (and its one-kernel backward) instead of the five-op
+    formula the reference writes out, which autograd differentiates op by op (7 against 36 ms forward +
+    backward on a (1024, 3072) float32 input; within 2.4e-7)."""
     if name is None:
         return y
-    if training and name in TANH_GELUS:
+    if one_kernel and name in TANH_GELUS:
         return F.gelu(y, approximate="tanh")
     return ACTIVATIONS[name](y)
 
@@ -222,15 +223,16 @@ class _PolicyLinear:
         if path == PACKED:  # first: the path of every decode step
             y = _linear_pointwise(x, self._packed(_DECODE.state.rows_hint, widen=False)[0], params["bias"],
                                   fused[0], [], fused[1])
-        elif path == ADDMM or path == TRAIN:
+        elif path == ADDMM:
+            # F.linear on the [out, in] view folds (..., in) to rows in C++ and calls the very addmm(bias, x, W)
+            # the reference's Conv1D calls: the same bits, two Python-level ops fewer than reshape + view
+            y = F.linear(x, self._weight_out_in(), params["bias"])
+            # a decode step (model.decode) takes the one-kernel tanh GELU, as the packed path's fused one is:
+            # 1 op instead of 8 on a (1, 3072) row, within ~1e-7; model.forward keeps the formula's bits
+            return apply_activation(y, activation, one_kernel=_DECODE.state is not None or wants_grad(x, w))
+        elif path == TRAIN:
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-            if path == ADDMM:
-                w = self._weight_in_out()
-                y = torch.addmm(self.bias, x2, w) if self.bias is not None else x2 @ w
-                y = apply_activation(y, activation, training=wants_grad(x2, self.weight))
-            else:
-                y = apply_activation(_OneDNNLinear.apply(x2, self._weight_in_out(), self.bias), activation,
-                                     training=True)
+            y = apply_activation(_OneDNNLinear.apply(x2, self._weight_in_out(), self.bias), activation, one_kernel=True)
             return y.view(x.shape[:-1] + (y.shape[-1],))
         elif path == ONEDNN:
             y = _linear_pointwise(x, self._weight_out_in(), params["bias"], fused[0], [], fused[1])
