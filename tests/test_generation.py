@@ -340,3 +340,13 @@ def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
     with torch.no_grad():  # every step's logits against the plain forward (the decode's GELU is one kernel)
         ref = ours(out.sequences).logits[0, 2:-1]  # (5, V)
     torch.testing.assert_close(torch.cat(out.logits), ref, rtol=0, atol=1e-4)
+    # a server's steps (weights laid out for 32 rows): one running request takes the one-row path too, and the
+    # packed copies stay for the steps of several
+    from gpt2kit.model.cache import StaticCache
+
+    cache = StaticCache(ours.config, max_batch_size=4, max_cache_len=16)
+    ours.decode(torch.tensor([[5, 6], [7, 8]]), cache, rows=torch.tensor([0, 1]), rows_hint=32)
+    fc = ours.transformer.h[0].mlp.c_fc
+    assert fc.last_path == linear.PACKED and fc.packed_weight[1] == 32
+    ours.decode(torch.tensor([[9]]), cache, rows=torch.tensor([0]), rows_hint=32)
+    assert fc.last_path == want and fc.packed_weight[1] == 32

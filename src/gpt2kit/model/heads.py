@@ -62,7 +62,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         cached = self.__dict__.get("_may_pack")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_may_pack"] = (key, linear.packable_bytes(self) <= linear.PACK_LIMIT_BYTES)
-        with linear.decoding(hint, pack=cached[1], dtype=w.dtype, device_type=w.device.type):
+        with linear.decoding(hint, pack=cached[1], dtype=w.dtype, device_type=w.device.type, rows=B * T):
             h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep)
             return self.lm_head(h).float()  # (B, keep or T, V)
 

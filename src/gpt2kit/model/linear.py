@@ -117,16 +117,19 @@ def pack_rows_hint(dtype, batch: int) -> int:
 
 
 @contextmanager
-def decoding(rows_hint: int, pack: bool = True, dtype: torch.dtype | None = None, device_type: str = "cpu"):
+def decoding(rows_hint: int, pack: bool = True, dtype: torch.dtype | None = None, device_type: str = "cpu",
+             rows: int | None = None):
     """Within this block (one decode step or prefill of model.decode, gradients off), projections may use
     packed weights. With the model's dtype given, the policy is asked once here for every projection of that
-    dtype instead of once per product (the per-call checks cost ~10 us each, 49 products a GPT-2 small step)."""
+    dtype instead of once per product (the per-call checks cost ~10 us each, 49 products a GPT-2 small step).
+    rows: the step's row count (batch x new tokens), where known."""
     old = _DECODE.state
     state = _DecodeState(rows_hint, pack, None, None, None)
     path = head_path = None
-    if dtype is not None and pack:  # packed paths do not depend on the row count
-        path = _policy(device_type, dtype, dtype, False, state, 1)
-        head_path = _policy(device_type, dtype, dtype, False, state, 1, head=True)
+    if dtype is not None and pack:
+        n = rows if rows is not None else rows_hint
+        path = _policy(device_type, dtype, dtype, False, state, n)
+        head_path = _policy(device_type, dtype, dtype, False, state, n, head=True)
     _DECODE.state = state._replace(dtype=dtype, path=path, head_path=head_path)
     try:
         yield
@@ -168,8 +171,10 @@ def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState |
     if dtype == torch.float32:
         if decode is not None:
             if decode.pack:  # a block's one-row product on an Intel CPU: MKL's is the faster (cpu.py); not
-                # the head's (50257 x 768 at one row on the Xeon: 7.1 ms packed against 8.0 in MKL)
-                return ADDMM if decode.rows_hint == 1 and not head and cpu.mkl_gemv_wins() else PACKED
+                # the head's (50257 x 768 at one row on the Xeon: 7.1 ms packed against 8.0 in MKL). One row:
+                # a step of one (a server with one request) or a generation laid out for one (its prefill too)
+                one_row = rows == 1 or decode.rows_hint == 1
+                return ADDMM if one_row and not head and cpu.mkl_gemv_wins() else PACKED
             return ONEDNN if rows >= UNPACKED_F32_MIN_ROWS else ADDMM
         return ONEDNN if rows >= FUSED_F32_MIN_ROWS else ADDMM
     return ADDMM
