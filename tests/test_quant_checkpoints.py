@@ -149,3 +149,20 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
     with pytest.raises(Exception, match="TorchAo"):
         model.save_pretrained(tmp_path / "int4")
     assert not (tmp_path / "int4").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("out_features", [12, 10])  # four rows at a time, and two left over
+@pytest.mark.parametrize("rows", [1, 3])  # decode's one-input-row kernel, and the general one
+def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
+    from gpt2kit.quantization import native
+
+    g = torch.Generator().manual_seed(out_features + rows)
+    cb = torch.randint(-127, 128, (out_features, 64), generator=g, dtype=torch.int8)
+    scb = torch.rand(out_features, generator=g) + 0.5
+    bias = torch.randn(out_features, generator=g)
+    m = Linear8bit(cb, scb, bias)
+    x = torch.randn(1, rows, 64, generator=g)
+    want = x @ m.dequantize().float().t() + bias
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    if native.library() is not None:  # the fused kernel is built on CPUs with AVX-512 and a C compiler
+        assert m.last_kernel == "fused-int8"
