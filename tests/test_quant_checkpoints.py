@@ -143,7 +143,7 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
     for name, m in quantized_modules(model).items():
         ref.get_submodule(name).weight.data = m.dequantize().t().contiguous()
     with torch.no_grad():
-        for ids in (IDS[:, :3], IDS.repeat(2, 2)):  # the fused kernel (<= 16 rows) and the prefill path (48)
+        for ids in (IDS[:, :1], IDS[:, :3], IDS.repeat(2, 2)):  # the fused kernels (1 row; <= 16) and the prefill (48)
             assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
     assert {m.last_kernel for m in quantized_modules(model).values()} <= {"fused-lut4", "dequantize+mm"}
     with pytest.raises(Exception, match="TorchAo"):
@@ -166,3 +166,21 @@ def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
     torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
     if native.library() is not None:  # the fused kernel is built on CPUs with AVX-512 and a C compiler
         assert m.last_kernel == "fused-int8"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_4bit_one_row_kernel_matches_its_dequantized_weights(float_dir, quant_type):
+    """Decode at batch 1 (one input row: the four-output-rows kernel) and a few rows, against the same model
+    with the dequantized weights in float32."""
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type)
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=cfg)
+    ref = GPT2LMHeadModel.from_pretrained(float_dir)
+    for name, m in quantized_modules(model).items():
+        ref.get_submodule(name).weight.data = m.dequantize().float().t().contiguous()
+    with torch.no_grad():
+        for ids in (IDS[:, :1], IDS[:, :3]):
+            assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
+    from gpt2kit.quantization import native
+
+    if native.library() is not None:
+        assert {m.last_kernel for m in quantized_modules(model).values()} == {"fused-lut4"}
