@@ -116,6 +116,11 @@ def pack_rows_hint(dtype, batch: int) -> int:
     return 32 if dtype == torch.float32 and batch > 1 else 1
 
 
+def in_decode() -> bool:
+    """Whether a decode step (model.decode) is running in this thread."""
+    return _DECODE.state is not None
+
+
 @contextmanager
 def decoding(rows_hint: int, pack: bool = True, dtype: torch.dtype | None = None, device_type: str = "cpu",
              rows: int | None = None):

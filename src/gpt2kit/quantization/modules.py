@@ -22,7 +22,7 @@ from torch import nn
 
 from . import formats as Q
 from . import native
-from ..model.linear import apply_activation
+from ..model.linear import apply_activation, in_decode
 
 logger = logging.getLogger("gpt2kit.quantization")
 
@@ -54,7 +54,8 @@ class QuantizedProjection(nn.Module):
             bias = self.bias.to(dtype) if self.bias is not None else None
             y = torch.nn.functional.linear(x2.to(dtype), w, bias)
             self.last_kernel = "dequantize"
-        return apply_activation(y.to(x.dtype), activation).view(shape)  # activation: a config activation_function
+        # activation: a config activation_function; a decode step's tanh GELU is one kernel, as in Projection
+        return apply_activation(y.to(x.dtype), activation, one_kernel=in_decode()).view(shape)
 
     def _bias32(self):
         return None if self.bias is None else self.bias.float()
