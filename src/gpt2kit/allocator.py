@@ -1,4 +1,5 @@
-"""glibc malloc settings for the processes gpt2kit owns (the `gpt2kit` command), never for library users.
+"""glibc malloc: settings for the processes gpt2kit owns (the `gpt2kit` command), never for library users;
+and `release_freed_memory`, which changes no setting (for loops of large temporaries, in any process).
 
 By default glibc serves every allocation above a moving threshold (128 KB at start) with fresh pages from
 mmap and hands them back on free, and trims the heap's top as soon as it passes twice that threshold. A
@@ -37,3 +38,25 @@ def keep_freed_memory_for_reuse() -> bool:
     took_mmap = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     took_trim = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
     return took_mmap and took_trim
+
+
+def _libc_malloc_trim():
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc's
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim() if sys.platform.startswith("linux") else None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system now (glibc's malloc_trim; nothing elsewhere). For a loop
+    that makes and drops large temporaries while the memory it keeps must stay small: after the first large
+    block is freed, glibc's moving threshold serves blocks of that size from its arenas, which keep them when
+    freed. Quantizing a float32 checkpoint while loading it held 0.25-0.66x the checkpoint in anonymous memory
+    at its peak without this (GPT-2 small to int8, four fresh processes), 0.22-0.26x with it after each tensor."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

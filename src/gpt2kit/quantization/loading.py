@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from .config import BitsAndBytesConfig, TorchAoConfig, from_config_dict
+from ..allocator import release_freed_memory
 from .replace import (conv1d_shape, from_checkpoint, from_float, prequantized_modules, quantized_modules,
                       targets)
 from ..errors import InvalidArgumentError, NotSupportedError
@@ -79,6 +80,7 @@ class QuantizedLoad:
             # cast first, as transformers does: the quantized state records the dtype it was made from
             self.modules[owner] = from_float(tensor_of(ckpt_name).to(target_dtype),
                                              None if bias is None else bias.to(target_dtype), self.qconfig)
+            release_freed_memory()  # the float temporaries of this tensor, before the next one's
         return True
 
     def install(self, model, device) -> None:
