@@ -31,12 +31,6 @@ CASES = {  # name: (kind, dtype, batch, tokens, new tokens)
 }
 
 
-def cpu_flags() -> str:
-    from gpt2kit.cpu import instruction_set  # this checkout's, whichever trees are compared
-
-    return instruction_set()
-
-
 def worker(case: str, repeats: int, threads: int) -> None:
     """Runs inside the tree under test: prints one JSON line {"tokens_per_s": ...}."""
     import torch
@@ -74,6 +68,8 @@ def run(tree: str, case: str, repeats: int, threads: int) -> dict:
 
 
 def main() -> None:
+    from gpt2kit.cpu import instruction_set  # this checkout's, whichever trees are compared
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=False, help="the earlier tree (a worktree of the commit to compare with)")
     ap.add_argument("--new", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,7 +84,7 @@ def main() -> None:
         return worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))
     if not args.old:
         ap.error("--old is required")
-    print(f"CPU instruction set: {cpu_flags()}; {args.threads} threads; {args.rounds} rounds, fresh processes")
+    print(f"CPU instruction set: {instruction_set()}; {args.threads} threads; {args.rounds} rounds, fresh processes")
     rows = []
     for case in args.cases.split(","):
         figs = {"old": [], "new": []}
@@ -105,7 +101,7 @@ def main() -> None:
               f"(CPU time old/new {cpu_ratio:.3f})", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"cpu": cpu_flags(), "threads": args.threads, "rows": rows}, f, indent=1)
+            json.dump({"cpu": instruction_set(), "threads": args.threads, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

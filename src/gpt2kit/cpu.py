@@ -14,16 +14,22 @@ import torch
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The kernel's flags for this CPU (/proc/cpuinfo); empty where there is no such file."""
+def _cpuinfo(field: str) -> str:
+    """The first /proc/cpuinfo line's value for `field` ('flags', 'vendor_id', ...); '' where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The kernel's flags for this CPU (/proc/cpuinfo); empty where there is no such file."""
+    return frozenset(_cpuinfo("flags").split())
 
 
 def limited() -> list[str]:
@@ -47,19 +53,12 @@ def instruction_set() -> str:
     return text
 
 
-@functools.cache
 def vendor() -> str:
     """'GenuineIntel', 'AuthenticAMD', ... ('' where /proc/cpuinfo does not say)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("vendor_id")
 
 
+@functools.cache
 def mkl_gemv_wins() -> bool:
     """Whether PyTorch's MKL matrix-vector product beats oneDNN's on packed weights for one row: on Intel CPUs
     MKL runs its own tuned kernels (a Xeon with AVX-512, GPT-2 small's 48 block matrices at one row: 16.9-19.8
