@@ -105,6 +105,91 @@ def test_rows_at_different_lengths_decode_in_one_step(attn):
     assert cache.lengths == [6, 12, 3, 7]
 
 
+
+def test_attention_groups_are_the_cheapest_split_into_runs():
+    """The dynamic programme against every split of rows 0..B-1 into runs of consecutive rows."""
+    import itertools
+
+    from gpt2kit.model.cache import attention_groups
+
+    rng = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        B = 1 + trial % 8
+        lengths = torch.randint(1, 50, (B,), generator=rng).tolist()
+        call = [0.0, 5.0, 30.0, 400.0][trial % 4]
+        best = min(sum(call + (j - i) * max(lengths[i:j]) for i, j in zip((0,) + cuts, cuts + (B,)))
+                   for k in range(B) for cuts in itertools.combinations(range(1, B), k))
+        groups = attention_groups(lengths, call)
+        assert [g[0] for g in groups][0] == 0 and groups[-1][1] == B
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))  # consecutive, covering every row once
+        assert all(n == max(lengths[lo:hi]) and masked == (min(lengths[lo:hi]) != n) for lo, hi, n, masked in groups)
+        assert sum(call + (hi - lo) * n for lo, hi, n, _ in groups) == pytest.approx(best)
+
+
+def count_grouped_calls(monkeypatch):
+    """Force one attention call per run of equal lengths (a GPT-2 small server step splits its rows so; the
+    tiny test model's rows are too short to pay for it) and count the grouped calls."""
+    from gpt2kit.model import cache as cache_module
+    from gpt2kit.model.layers import Attention
+
+    monkeypatch.setattr(cache_module, "GROUP_CALL_BYTES", 0)
+    calls = []
+    grouped = Attention._attend_groups
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return grouped(self, *a, **k)
+
+    monkeypatch.setattr(Attention, "_attend_groups", spy)
+    return calls
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_rows_at_different_lengths_attend_in_groups_over_their_own_keys(attn, monkeypatch):
+    calls = count_grouped_calls(monkeypatch)
+    m = build(FLAGS["mistral-flags"], attn)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (5, 5, 12, 2, 9)]
+    cache = StaticCache(m.config, max_batch_size=5, max_cache_len=24)
+    for slot, p in enumerate(prompts):
+        m.decode(torch.tensor([p]), cache, rows=torch.tensor([slot]))
+    assert not calls  # one row at a time: one call
+    nxt = [7, 11, 3, 5, 2]
+    logits = m.decode(torch.tensor(nxt)[:, None], cache)[:, -1]
+    assert len(calls) == TINY["n_layer"]  # every layer took the grouped path
+    for i, p in enumerate(prompts):
+        assert (logits[i] - alone(m, p + [nxt[i]])).abs().max() <= 1e-5, i
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_decode_parts_equals_each_part_alone(attn, grouped, monkeypatch):
+    """A server step: decoding rows (one token each, different lengths) beside two prompt chunks, one of
+    them scored at every position, in one forward; each equals the model's forward on that row's tokens."""
+    calls = count_grouped_calls(monkeypatch) if grouped else None
+    m = build(FLAGS["mistral-flags"], attn)
+    g = torch.Generator().manual_seed(5)
+    tok = lambda n: torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist()  # noqa: E731
+    history = [tok(n) for n in (4, 9, 6)] + [tok(3), []]  # slots 0-2 decode, 3 reads its prompt, 4 starts one
+    cache = StaticCache(m.config, max_batch_size=5, max_cache_len=32)
+    for slot, h in enumerate(history):
+        if h:
+            m.decode(torch.tensor([h]), cache, rows=torch.tensor([slot]))
+    nxt, chunk3, chunk4 = tok(3), tok(5), tok(7)
+    out = m.decode_parts([(torch.tensor(nxt)[:, None], torch.arange(3), 1),
+                          (torch.tensor([chunk3]), torch.tensor([3]), 1),
+                          (torch.tensor([chunk4]), torch.tensor([4]), 0)], cache)
+    assert [tuple(o.shape) for o in out] == [(3, 1, TINY["vocab_size"]), (1, 1, TINY["vocab_size"]),
+                                             (1, 7, TINY["vocab_size"])]
+    for i in range(3):
+        assert (out[0][i, -1] - alone(m, history[i] + [nxt[i]])).abs().max() <= 1e-5, i
+    assert (out[1][0, -1] - alone(m, history[3] + chunk3)).abs().max() <= 1e-5
+    for t in range(7):
+        assert (out[2][0, t] - alone(m, chunk4[: t + 1])).abs().max() <= 1e-5, t
+    assert cache.lengths == [5, 10, 7, 8, 7]
+    if grouped:
+        assert len(calls) == TINY["n_layer"]  # the decoding rows (three lengths) attended in groups
+
 def test_copy_prefix_and_reset_rows():
     m = build(FLAGS["defaults"], "sdpa")
     shared, tail = [4, 8, 15, 16, 23, 42], [3, 1]

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -391,13 +392,60 @@ class GPT2Model(GPT2PreTrainedModel):
         holds and attends over that slot only; see GPT2LMHeadModel.decode."""
         B, T = input_ids.shape
         plan = cache.plan(T, rows, key_mask, cache_position)
-        if position_ids is None:
-            check_context_length(max(plan.starts), T, self.config.n_positions, what="new tokens")
-            start = torch.tensor(plan.starts, device=input_ids.device)[:, None]  # (B, 1)
-            position_ids = start + torch.arange(T, device=input_ids.device)  # (B, T)
-        x = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        x = self._embed_planned(input_ids, plan, position_ids)  # (B, T, C)
         final = len(self.h) - 1
         for i, block in enumerate(self.h):
             x = block(x, cache=cache, plan=plan, last=last if i == final else None)[0]
         cache.commit(plan)
         return self.ln_f(x)
+
+    def decode_parts(self, parts, cache: StaticCache) -> torch.Tensor:
+        """Several groups of rows in one forward, each with its own token count: parts = [(ids (B_i, T_i),
+        rows (B_i,), last_i)] on disjoint slots (a server's decoding rows with T=1 beside a prompt chunk of
+        T=512). The projections run once over all N = sum(B_i * T_i) tokens, so the weights are read once
+        a step; attention runs per part. -> final hidden states (1, sum(B_i * kept_i), C), parts in order,
+        each row's kept (last_i, or all T_i for None) positions in row order."""
+        plans = [cache.plan(ids.shape[1], rows) for ids, rows, _ in parts]  # all before any commit
+        x = torch.cat([self._embed_planned(ids, plan).flatten(0, 1) for (ids, _, _), plan in zip(parts, plans)])
+        steps = [PartStep(plan, ids.shape[0], ids.shape[1], None if last is None or last >= ids.shape[1] else last)
+                 for (ids, _, last), plan in zip(parts, plans)]
+        keep = _kept_positions(steps, x.device)  # (N',) or None when every position goes on
+        final = len(self.h) - 1
+        x = x[None]  # (1, N, C)
+        for i, block in enumerate(self.h):
+            x = block(x, cache=cache, parts=steps, last=keep if i == final else None, final=i == final)[0]
+        for plan in plans:
+            cache.commit(plan)
+        return self.ln_f(x)
+
+    def _embed_planned(self, input_ids, plan, position_ids=None):
+        """Token + position embeddings of the new tokens (B, T) -> (B, T, C); positions from the plan."""
+        if position_ids is None:
+            T = input_ids.shape[1]
+            check_context_length(max(plan.starts), T, self.config.n_positions, what="new tokens")
+            start = torch.tensor(plan.starts, device=input_ids.device)[:, None]  # (B, 1)
+            position_ids = start + torch.arange(T, device=input_ids.device)  # (B, T)
+        return self.wte(input_ids) + self.wpe(position_ids)
+
+
+@dataclass
+class PartStep:
+    """One part of a decode_parts forward: its cache plan, B rows of T new tokens, and how many of each row's
+    last positions the final block computes (None: all)."""
+
+    plan: object
+    B: int
+    T: int
+    last: int | None
+
+
+def _kept_positions(steps, device):
+    """Flat indices (N',) of the positions the final block computes, or None when every position is kept."""
+    if all(s.last is None for s in steps):
+        return None
+    idx, off = [], 0
+    for s in steps:
+        pos = torch.arange(s.B * s.T, device=device).view(s.B, s.T)
+        idx.append((pos if s.last is None else pos[:, -s.last:]).reshape(-1) + off)
+        off += s.B * s.T
+    return torch.cat(idx)

@@ -56,15 +56,41 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         Returns float32 logits (B, logits_to_keep, V) (logits_to_keep=0: all T) and advances the slots."""
         B, T = input_ids.shape
         keep = None if logits_to_keep == 0 else min(logits_to_keep, T)
+        with self._decoding(B, B * T, rows_hint):
+            h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep)
+            return self.lm_head(h).float()  # (B, keep or T, V)
+
+    def decode_parts(self, parts, cache, *, rows_hint: int | None = None) -> list[torch.Tensor]:
+        """`decode` for several groups of rows with different token counts in one forward (a server step:
+        its decoding rows, T=1, beside a prompt chunk): the weights are read once for all of them.
+
+        parts: [(input_ids (B_i, T_i), rows (B_i,), logits_to_keep_i)] on disjoint slots of `cache`; each
+        row appends after what its slot holds, as in `decode`. Returns the float32 logits of each part,
+        (B_i, logits_to_keep_i or T_i, V), equal to `decode` run on each part alone."""
+        if len(parts) == 1:
+            ids, rows, keep = parts[0]
+            return [self.decode(ids, cache, rows=rows, logits_to_keep=keep, rows_hint=rows_hint)]
+        sizes = [(ids.shape[0], ids.shape[1] if keep == 0 else min(keep, ids.shape[1])) for ids, _, keep in parts]
+        tokens = sum(ids.numel() for ids, _, _ in parts)
+        with self._decoding(sum(b for b, _ in sizes), tokens, rows_hint):
+            h = self.transformer.decode_parts([(ids, rows, None if keep == 0 else keep) for ids, rows, keep in parts],
+                                              cache)  # (1, N', C)
+            logits = self.lm_head(h).float()[0]  # (N', V)
+        out, off = [], 0
+        for b, t in sizes:
+            out.append(logits[off:off + b * t].view(b, t, -1))
+            off += b * t
+        return out
+
+    def _decoding(self, batch: int, tokens: int, rows_hint: int | None):
+        """The matmul policy's context for a decode forward of `tokens` new tokens over `batch` rows."""
         w = self.lm_head.weight
-        hint = rows_hint if rows_hint is not None else linear.pack_rows_hint(w.dtype, B)
+        hint = rows_hint if rows_hint is not None else linear.pack_rows_hint(w.dtype, batch)
         key = (w.dtype, w.data_ptr(), id(self.transformer.h))  # a walk over every module costs ~0.5 ms a step
         cached = self.__dict__.get("_may_pack")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_may_pack"] = (key, linear.packable_bytes(self) <= linear.PACK_LIMIT_BYTES)
-        with linear.decoding(hint, pack=cached[1], dtype=w.dtype, device_type=w.device.type, rows=B * T):
-            h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep)
-            return self.lm_head(h).float()  # (B, keep or T, V)
+        return linear.decoding(hint, pack=cached[1], dtype=w.dtype, device_type=w.device.type, rows=tokens)
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None, use_cache=None,

@@ -94,39 +94,85 @@ class Attention(nn.Module):
 
     def forward(self, x, *, cache: Cache | None = None, cache_position=None, mask=None, is_causal=False,
                 encoder_hidden_states=None, output_attentions=False, plan: SlotWrite | None = None,
-                last: int | None = None):
+                last: int | None = None, parts=None, final: bool = False):
         """x: (B, T, C). With `plan` (model.decode), keys/values go into a StaticCache as planned and the mask
-        comes from the plan; `last`: only the last `last` queries are computed (keys and values for all T)."""
+        comes from the plan; `last`: only the last `last` queries are computed (keys and values for all T).
+        With `parts` (decode_parts), x is (1, N, C): the tokens of several groups of rows, one after another."""
+        if parts is not None:
+            return self._forward_parts(x, cache, parts, final), None
         B, T, C = x.shape
+        dropout = self.attn_dropout.p if self.training else 0.0
+        eager = output_attentions or self.config._attn_implementation == "eager"
+        probs = None
         if self.is_cross_attention:
             q = self._heads(self.q_attn(x))
             k, v = self.c_attn(encoder_hidden_states).split(self.n_embd, dim=2)
             k, v = self._heads(k), self._heads(v)  # (B, H, S_enc, D)
+            y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
+                              eager=eager)
         else:
-            # the strides of split + per-head view + transpose, in three ops instead of seven
-            q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            # q, k, v: (B, H, T, D)
+            q, k, v = self._qkv(self.c_attn(x), B, T)  # (B, H, T, D) each
             if plan is not None:
-                k, v = cache.write(self.layer_idx, k, v, plan)  # (B, H, S, D)
-                mask, is_causal = plan.mask, plan.is_causal
-            elif cache is not None:
-                k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, H, S, D)
-        if last is not None and last < T:  # the final block of model.decode: only the last queries go on
+                y = self._attend_planned(q, k, v, cache, plan, last, dropout, eager)
+            else:
+                if cache is not None:
+                    k, v = cache.update(k, v, self.layer_idx, cache_position)  # (B, H, S, D)
+                y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout,
+                                  upcast=self.upcast, eager=eager)
+        y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, T or last, C)
+        y = self.c_proj(y)
+        if self.training:  # dropout is the identity in eval: not even a module call (decode steps count them)
+            y = self.resid_dropout(y)
+        return y, probs
+
+    def _qkv(self, qkv, B: int, T: int):
+        """(B*T tokens, 3C) fused projection -> q, k, v (B, H, T, D): the strides of split + per-head view +
+        transpose, in three ops instead of seven."""
+        return qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _attend_planned(self, q, k, v, cache, plan: SlotWrite, last, dropout: float = 0.0, eager: bool = False):
+        """Write k, v (B, H, T, D) into the cache as planned and attend over what each row may see; `last`:
+        only the last `last` queries are computed. -> (B, H, T or last, D)"""
+        T = q.shape[2]
+        k, v = cache.write(self.layer_idx, k, v, plan)  # (B, H, S, D)
+        mask, is_causal = plan.mask, plan.is_causal
+        if last is not None and last < T:  # the final block: only the last queries go on
             q = q[:, :, -last:]  # (B, H, last, D)
             if mask is not None:
                 mask = mask[..., -last:, :]
             elif is_causal:
                 mask, is_causal = causal_mask(k.shape[-2] - T, T, k.shape[-2], q.device)[-last:][None, None], False
-            T = last
-        dropout = self.attn_dropout.p if self.training else 0.0
-        eager = output_attentions or self.config._attn_implementation == "eager"
-        y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
-                          eager=eager)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        y = self.c_proj(y)
-        if self.training:  # dropout is the identity in eval: not even a module call (decode steps count them)
-            y = self.resid_dropout(y)
-        return y, probs
+        eager = eager or self.config._attn_implementation == "eager"
+        if plan.groups is not None:  # rows at different lengths (a server's step)
+            return self._attend_groups(q, k, v, mask, plan.groups, eager)
+        return attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
+                      eager=eager)[0]
+
+    def _forward_parts(self, x, cache, parts, final: bool):
+        """x (1, N, C): the new tokens of every part, one part after another -> (1, N', C) (N' = N, or in the
+        final block the kept positions). One projection over all N tokens, attention part by part."""
+        C = x.shape[-1]
+        qkv = self.c_attn(x).view(-1, 3 * C)  # (N, 3C)
+        ys, off = [], 0
+        for p in parts:
+            n = p.B * p.T
+            q, k, v = self._qkv(qkv[off:off + n], p.B, p.T)  # (B_i, H, T_i, D) each
+            off += n
+            y = self._attend_planned(q, k, v, cache, p.plan, p.last if final else None)  # (B_i, H, T', D)
+            ys.append(y.transpose(1, 2).reshape(-1, C))
+        return self.c_proj(torch.cat(ys)[None])  # (1, N', C)
+
+    def _attend_groups(self, q, k, v, mask, groups, eager):
+        """q: (B, H, T, D), k/v: (B, H, S, D), mask (B, 1, T, S): one attention call per run of rows (lo, hi,
+        n, masked), each over the first n keys only (StaticCache.attention_groups chose the runs)."""
+        T = q.shape[2]
+        ys = []
+        for lo, hi, n, masked in groups:
+            m = mask[lo:hi, :, :, :n] if masked or T > 1 else None  # equal lengths, one query: every key is seen
+            y, _ = attend(q[lo:hi], k[lo:hi, :, :n], v[lo:hi, :, :n], m, False, scaling=self.scaling, dropout=0.0,
+                          upcast=self.upcast, eager=eager)
+            ys.append(y)
+        return torch.cat(ys, 0)  # (B, H, T, D)
 
 
 def additive(mask, dtype):
@@ -182,10 +228,17 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, *, cache=None, cache_position=None, mask=None, is_causal=False,
-                encoder_hidden_states=None, encoder_mask=None, output_attentions=False, plan=None, last=None):
+                encoder_hidden_states=None, encoder_mask=None, output_attentions=False, plan=None, last=None,
+                parts=None, final=False):
+        """`last`: the final block of model.decode computes only the last `last` positions (decode_parts: the
+        flat indices of the kept positions, or None)."""
         a, probs = self.attn(self.ln_1(x), cache=cache, cache_position=cache_position, mask=mask,
-                             is_causal=is_causal, output_attentions=output_attentions, plan=plan, last=last)
-        if last is not None and last < x.shape[1]:
+                             is_causal=is_causal, output_attentions=output_attentions, plan=plan, last=last,
+                             parts=parts, final=final)
+        if parts is not None:
+            if last is not None:
+                x = x[:, last]  # (1, N', C): the kept positions of every part
+        elif last is not None and last < x.shape[1]:
             x = x[:, -last:]  # only the last positions go on (model.decode's final block)
         x = x + a
         cross_probs = None
