@@ -69,6 +69,7 @@ def test_chunked_prefill_interleaves_with_decode_and_greedy_equals_generate(mode
         reads.append(([s.fed for s in engine.prefilling] or [200])[0] - (fed or [0])[0])
         assert len(a.tokens()) == before + 1, "a running stream must get a token every step while a prompt is read"
     assert len(reads) >= 200 // 16 and max(reads) <= 16
+    assert engine.mixed_forwards >= len(reads)  # each chunk rode in the running stream's decode forward
     run_until(engine, lambda: a.finished() and b.finished())
     assert a.tokens() == generate_alone(model, a_ids, 60)
     assert b.tokens() == generate_alone(model, b_ids, 10)
@@ -83,13 +84,13 @@ def test_decoding_rows_stay_in_consecutive_slots_and_are_read_without_copies(mod
     g = torch.Generator().manual_seed(7)
     prompts = [[int(i) for i in torch.randint(0, 50000, (n,), generator=g)] for n in (5, 17, 9, 30, 12, 21, 7)]
     lengths = [3, 20, 6, 14, 9, 11, 4]
-    calls, decode = [], engine._decode
+    calls, decode = [], engine._decode_parts
 
-    def spy(ids, cache, rows=None, **kw):
-        calls.append(rows.tolist())
-        return decode(ids, cache, rows=rows, **kw)
+    def spy(parts):
+        calls.extend(rows.tolist() for ids, rows, _ in parts if ids.shape[1] == 1)  # the decoding rows
+        return decode(parts)
 
-    engine._decode = spy
+    engine._decode_parts = spy
     clients = [submit(engine, f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts[:5], lengths[:5]))]
     late = []
     steps = 0
@@ -157,28 +158,54 @@ def test_abort_frees_the_slot_within_one_step(model_tok):
 def test_a_failing_request_leaves_the_others_alone(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_num_seqs=3, max_model_len=256)
-    decode = engine._decode
+    decode = engine._decode_parts
     good_ids, bad_ids = tok.encode("ROMEO:"), tok.encode("KING:")
     good = submit(engine, "good", good_ids, 12)
     bad = submit(engine, "bad", bad_ids, 12)
     run_until(engine, lambda: len(good.tokens()) >= 2 and len(bad.tokens()) >= 2)
     bad_slot = next(s.slot for s in engine.running if s.req.request_id == "bad")
 
-    def poisoned(ids, cache, rows=None, **kw):  # the model goes wrong on one row only
-        logits = decode(ids, cache, rows=rows, **kw)
-        logits[(rows == bad_slot).nonzero()[:, 0]] = float("nan")
-        return logits
+    def poisoned(parts):  # the model goes wrong on one row only
+        out = decode(parts)
+        for (ids, rows, _), logits in zip(parts, out):
+            logits[(rows == bad_slot).nonzero()[:, 0]] = float("nan")
+        return out
 
-    engine._decode = poisoned
+    engine._decode_parts = poisoned
     run_until(engine, lambda: good.finished() and any(isinstance(e, Failed) for e in bad.events))
     failed = next(e for e in bad.events if isinstance(e, Failed))
     assert failed.status == 500 and "non-finite" in failed.message
     assert good.tokens() == generate_alone(model, good_ids, 12)
-    engine._decode = decode
+    engine._decode_parts = decode
     again = submit(engine, "again", bad_ids, 5)  # the failed slot was reset and can serve again
     run_until(engine, again.finished)
     assert again.tokens() == generate_alone(model, bad_ids, 5)
 
+
+
+def test_a_prompt_that_breaks_the_joint_forward_fails_alone(model_tok):
+    """A step's decoding rows and prompt chunks run as one forward; when it raises, the parts are run one
+    by one, so only the request whose part fails is answered with an error."""
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=3, max_model_len=256)
+    decode = engine._decode_parts
+    good_ids, bad_ids = tok.encode("ROMEO:"), tok.encode("KING: what say you")
+    good = submit(engine, "good", good_ids, 12)
+    run_until(engine, lambda: len(good.tokens()) >= 2)
+    bad = submit(engine, "bad", bad_ids, 12)
+    seen = []
+
+    def breaks_on_the_prompt(parts):
+        seen.append(len(parts))
+        if any(ids.shape[1] == len(bad_ids) for ids, _, _ in parts):
+            raise RuntimeError("this prompt breaks the model")
+        return decode(parts)
+
+    engine._decode_parts = breaks_on_the_prompt
+    run_until(engine, lambda: good.finished() and any(isinstance(e, Failed) for e in bad.events))
+    assert seen[:3] == [2, 1, 1]  # the joint forward, then each part alone
+    assert next(e for e in bad.events if isinstance(e, Failed)).status == 500
+    assert good.tokens() == generate_alone(model, good_ids, 12)
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
     torch.manual_seed(0)

@@ -112,8 +112,8 @@ def load_engine(state, args) -> None:
     engine = Engine(model, tok, max_num_seqs=args.max_num_seqs, max_model_len=max_len, metrics=state.metrics,
                     max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
     with torch.inference_mode():  # warm up the kernels so the first request does not pay for it
-        engine._decode(torch.zeros(1, 2, dtype=torch.long, device=model.device), engine.cache,
-                       rows=torch.tensor([0], device=model.device))
+        engine._decode_parts([(torch.zeros(1, 2, dtype=torch.long, device=model.device),
+                               torch.tensor([0], device=model.device), 1)])
         engine.cache.reset_rows([0])
     engine.start()
     state.engine = engine

@@ -5,10 +5,11 @@ One background thread owns the model and the cache. Each step it
 2. admits waiting requests into free slots (a request with n choices takes n slots at once), reusing the
    longest prompt prefix already stored in any slot (copy_prefix), so a repeated system prompt or
    document is not recomputed,
-3. reads one chunk of one waiting prompt (chunked prefill: a long prompt is read over several steps,
-   and running streams get a token every step meanwhile),
-4. runs one decode step for every running sequence, whatever its position (`model.decode` with rows),
-5. samples per row (sampling.py), detokenizes and matches stop strings (stop.py), and hands each
+3. runs one forward (`model.decode_parts`) over every running sequence, whatever its position (one new
+   token each), and this step's chunks of the prompts being read (chunked prefill: a long prompt is read
+   over several steps, and running streams get a token every step meanwhile); the weights are read once
+   a step for both,
+4. samples per row (sampling.py), detokenizes and matches stop strings (stop.py), and hands each
    request's news to its asyncio handler through the `sink` the handler gave (call_soon_threadsafe).
 A sequence leaves the batch the step it finishes; a failure inside one request fails that request only.
 """
@@ -122,7 +123,8 @@ class Engine:
         # one fixed packing layout for every batch size, so that rows joining or leaving never repack weights
         hint = linear.pack_rows_hint(model.dtype, max_num_seqs)
         self.cache = StaticCache(cfg, max_num_seqs, max_model_len, device=self.device, dtype=model.dtype)
-        self._decode = lambda *a, **k: model.decode(*a, rows_hint=hint, **k)
+        self._decode_parts = lambda parts: model.decode_parts(parts, self.cache, rows_hint=hint)
+        self.mixed_forwards = 0  # forwards that carried decoding rows and prompt tokens together
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each slot's cache holds
         self.free: dict[int, float] = {s: 0.0 for s in range(max_num_seqs)}  # free slot -> when freed (LRU)
         self.waiting: deque[EngineRequest] = deque()
@@ -176,8 +178,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 self._admit()
-                self._prefill_step()
-                self._decode_step()
+                self._forward_step()
         except Exception:  # a bug in the engine itself: fail what is in flight, keep serving
             log.exception("engine step failed; failing the requests in flight")
             for seq in list(self.prefilling) + list(self.running):
@@ -259,44 +260,88 @@ class Engine:
             sibs.append(Sequence(req, i, slot, self.tokenizer, self.device))
         self.siblings[req.request_id] = sibs
 
-    # -- prefill ------------------------------------------------------------------------------------
-    def _prefill_step(self) -> None:
-        """Read prompt chunks, oldest request first, up to this step's token budget: large when nobody is
-        decoding; while others are, as many prompt tokens as decoding rows, and at least MIN_CHUNK for each
-        prompt waiting to be read (at most --prefill-chunk). The first term bounds what a prompt adds to a
-        running stream's inter-token time (a step costs at most about twice a plain decode step; a fixed
-        64-token chunk beside 4 decoding streams made their inter-token p99 5.4x the p50); the second keeps a
-        queue of prompts from starving: with the first alone, 32 closed-loop clients (benchmarks/serve.py,
-        GPT-2 small, 2 cores) got 57 output tokens/s and a 52 s median time to first token, as one decoding
-        row let 16 prompt tokens in a step."""
-        if self.running:
-            budget = min(self.prefill_chunk, max(len(self.running), MIN_CHUNK * len(self.prefilling)))
+    # -- one forward: decoding rows and prompt chunks ---------------------------------------------------
+    def _forward_step(self) -> None:
+        """One forward for every decoding sequence (its pending token) and this step's prompt chunks."""
+        rows = [s for s in self.running if s.pending is not None]
+        if rows:
+            self._compact(rows)
+            rows.sort(key=lambda s: s.slot)  # slots 0..B-1 in order: the cache is read as views
+        chunks = self._chunks(len(rows))  # [(sequence, its next prompt tokens)]
+        parts = []
+        if rows:
+            ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)  # (B, 1)
+            slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=self.device)  # (B,)
+            parts.append((ids, slots, 1))
+        for seq, chunk in chunks:
+            keep = 0 if seq.req.prompt_logprobs is not None else 1  # scoring the prompt needs every position
+            parts.append((torch.tensor([chunk], dtype=torch.long, device=self.device),
+                          torch.tensor([seq.slot], device=self.device), keep))
+        if not parts:
+            return
+        if rows and chunks:
+            self.mixed_forwards += 1
+        results = self._run_parts(parts)
+        for (seq, chunk), out in zip(chunks, results[1:] if rows else results):
+            self._chunk_done(seq, chunk, out)
+        if rows:
+            self._decode_done(rows, results[0])
+
+    def _run_parts(self, parts) -> list:
+        """The logits of each part, or the exception that part raised: when the joint forward fails, each
+        part is run alone so that a failure stays with its own requests (nothing is committed to the cache
+        before a forward succeeds, so running a part again is safe)."""
+        try:
+            return self._decode_parts(parts)
+        except Exception as e:
+            if len(parts) == 1:
+                return [e]
+            log.warning("a step's joint forward failed; running its %d parts one by one", len(parts), exc_info=True)
+        results = []
+        for part in parts:
+            try:
+                results.append(self._decode_parts([part])[0])
+            except Exception as e:
+                results.append(e)
+        return results
+
+    def _chunks(self, decoding: int) -> list:
+        """This step's prompt chunks, oldest request first, up to the step's token budget: large when nobody
+        is decoding; while others are, as many prompt tokens as decoding rows, and at least MIN_CHUNK for
+        each prompt waiting to be read (at most --prefill-chunk). The first term bounds what a prompt adds
+        to a running stream's inter-token time (a fixed 64-token chunk beside 4 decoding streams made their
+        inter-token p99 5.4x the p50); the second keeps a queue of prompts from starving: with the first
+        alone, 32 closed-loop clients (benchmarks/serve.py, GPT-2 small, 2 cores) got 57 output tokens/s
+        and a 52 s median time to first token, as one decoding row let 16 prompt tokens in a step."""
+        if decoding:
+            budget = min(self.prefill_chunk, max(decoding, MIN_CHUNK * len(self.prefilling)))
         else:
             budget = self.prefill_chunk_idle
-        for seq in list(self.prefilling):
+        out = []
+        for seq in self.prefilling:
             if budget <= 0:
                 break
-            budget -= self._prefill_chunk(seq, budget)
+            chunk = seq.req.prompt_ids[seq.fed: seq.fed + budget]
+            out.append((seq, chunk))
+            budget -= len(chunk)
+        return out
 
-    def _prefill_chunk(self, seq: Sequence, size: int) -> int:
+    def _chunk_done(self, seq: Sequence, chunk: list[int], logits) -> None:
+        """logits (1, T or 1, V) of a prompt chunk, or the exception its forward raised."""
         req, prompt = seq.req, seq.req.prompt_ids
-        chunk = prompt[seq.fed: seq.fed + size]
-        last = seq.fed + len(chunk) == len(prompt)
-        keep = 0 if req.prompt_logprobs is not None else 1
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)  # (1, T)
+        if isinstance(logits, Exception):
+            self._crash(seq, logits, "reading the prompt")
+            return
         try:
-            logits = self._decode(ids, self.cache, rows=torch.tensor([seq.slot], device=self.device),
-                                  logits_to_keep=keep)  # (1, T or 1, V)
             self.slot_tokens[seq.slot] = prompt[: seq.fed + len(chunk)]
             if req.prompt_logprobs is not None:
                 self._prompt_logprobs(seq, logits[0], chunk)
         except Exception as e:
             self._crash(seq, e, "reading the prompt")
-            return len(chunk)
+            return
         seq.fed += len(chunk)
-        if last:
+        if seq.fed == len(prompt):
             self._prefill_done(seq, logits[:, -1])  # (1, V)
-        return len(chunk)
 
     def _prefill_done(self, seq: Sequence, last_logits: torch.Tensor) -> None:
         req, prompt = seq.req, seq.req.prompt_ids
@@ -329,24 +374,16 @@ class Engine:
             seq.prompt_infos.append(TokenInfo(t, chosen[j], top[j] if top is not None else []))
 
     # -- decode -------------------------------------------------------------------------------------
-    def _decode_step(self) -> None:
-        rows = [s for s in self.running if s.pending is not None]
-        if not rows:
-            return
-        self._compact(rows)
-        rows.sort(key=lambda s: s.slot)  # slots 0..B-1 in order: the cache is read as views
-        ids = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)  # (B, 1)
-        slots = torch.tensor([s.slot for s in rows], dtype=torch.long, device=self.device)  # (B,)
-        try:
-            logits = self._decode(ids, self.cache, rows=slots, logits_to_keep=1)[:, -1]  # (B, V)
-        except Exception as e:
+    def _decode_done(self, rows: list[Sequence], logits) -> None:
+        """logits (B, 1, V) of the decoding rows, or the exception their forward raised."""
+        if isinstance(logits, Exception):
             for s in rows:
-                self._crash(s, e, "a decode step")
+                self._crash(s, logits, "a decode step")
             return
         for s in rows:
             self.slot_tokens[s.slot].append(s.pending)
             s.pending = None
-        self._sample_and_accept(rows, logits)
+        self._sample_and_accept(rows, logits[:, -1])  # (B, V)
 
     def _compact(self, rows: list[Sequence]) -> None:
         """Move the B decoding sequences into slots 0..B-1, swapping cache rows with whatever is there (a free
