@@ -30,9 +30,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZES = {"small": dict(n_layer=12, n_embd=768, n_head=12), "xl": dict(n_layer=48, n_embd=1600, n_head=25)}
 CASES = [("gpt2kit", "fp32"), ("gpt2kit", "nf4"), ("gpt2kit", "fp4"), ("gpt2kit", "int8"), ("gpt2kit", "int4"),
-         ("transformers+bnb", "nf4"), ("transformers+bnb", "int8")]
+         ("gpt2kit", "int8-emb"), ("gpt2kit", "int4-emb"), ("transformers+bnb", "nf4"), ("transformers+bnb", "int8")]
 BYTES_PER_WEIGHT = {"fp32": 4.0, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64, "int8": 1.0,
                     "int4": 0.5 + 8 / 32}  # codes + the float32 per-block scales (and zeros) a decode step reads
+# "-emb": the tied embedding / LM head quantized too (TorchAoConfig(include_input_output_embeddings=True))
 
 
 def rss_status():
@@ -51,7 +52,7 @@ def qconfig_for(lib, mode):
     if lib == "gpt2kit":
         from gpt2kit.quantization.config import config_for
 
-        return config_for(mode)
+        return config_for(mode.removesuffix("-emb"), embeddings=mode.endswith("-emb"))
     import transformers
 
     if mode == "int8":
@@ -213,7 +214,9 @@ def main():
                 row = json.loads(line[7:]) if line else dict(lib=lib, mode=mode, error=proc.stderr[-400:])
             except subprocess.TimeoutExpired:
                 row = dict(lib=lib, mode=mode, error=f"over {args.timeout} s")
-            row["floor_tok_s_b1"] = bw * 1e9 / (block_weights * BYTES_PER_WEIGHT[mode] + head_bytes)
+            base = mode.removesuffix("-emb")
+            head = head_bytes * BYTES_PER_WEIGHT[base] / 4 if mode.endswith("-emb") else head_bytes
+            row["floor_tok_s_b1"] = bw * 1e9 / (block_weights * BYTES_PER_WEIGHT[base] + head)
             print(size, json.dumps(row), flush=True)
             rows.append(row)
         results["sizes"][size] = dict(checkpoint_bytes=os.path.getsize(os.path.join(path, "model.safetensors")), rows=rows)

@@ -24,7 +24,8 @@ def float_twin(model, path):
     """A float model holding exactly the quantized model's dequantized weights."""
     ref = GPT2LMHeadModel.from_pretrained(path)
     for name, m in quantized_modules(model).items():
-        ref.get_submodule(name).weight.data = m.dequantize().t().contiguous()
+        if not name.endswith(".table"):  # a quantized embedding's table: set by the caller
+            ref.get_submodule(name).weight.data = m.dequantize().t().contiguous()
     return ref
 
 
@@ -90,6 +91,49 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
                        ref.generate(ids, max_new_tokens=8, do_sample=False))
 
 
+
+@pytest.mark.parametrize("untie", [False, True])
+@pytest.mark.parametrize("quant_type,kwargs", [("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32})],
+                         ids=["int8", "int4"])
+def test_quantized_embeddings_serve_the_lookup_and_the_head(gpt2_small_shaped, quant_type, kwargs, untie):
+    """TorchAoConfig(include_input_output_embeddings=True): the tied [V, C] table is held quantized once (twice
+    with untie_embedding_weights), looked up by rows and multiplied as the head by the fused kernels; the
+    model equals a float model holding the dequantized weights."""
+    from gpt2kit.quantization import native
+    from gpt2kit.quantization.embedding import QuantizedEmbedding, QuantizedHead
+
+    qconfig = TorchAoConfig(quant_type, include_input_output_embeddings=True, untie_embedding_weights=untie, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=qconfig)
+    wte, head = model.transformer.wte, model.lm_head
+    assert isinstance(wte, QuantizedEmbedding) and isinstance(head, QuantizedHead)
+    assert (head.table is wte.table) is not untie
+    plain = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=TorchAoConfig(quant_type, **kwargs))
+    saved = plain.get_memory_footprint() - model.get_memory_footprint()
+    assert saved > (0.7 if not untie else 0.4) * 4 * wte.num_embeddings * wte.embedding_dim
+    ref = float_twin(model, gpt2_small_shaped)
+    ref.transformer.wte.weight.data = wte.table.dequantize().contiguous()
+    ref.lm_head.weight = ref.transformer.wte.weight
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
+    with torch.no_grad():
+        assert torch.equal(wte(ids), ref.transformer.wte(ids))  # the lookup dequantizes exactly
+        assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
+        for m in (model, ref):
+            m.cache = StaticCache(m.config, max_batch_size=1, max_cache_len=16)
+        for a, b in zip([model.decode(ids, model.cache), model.decode(ids[:, :1], model.cache)],
+                        [ref.decode(ids, ref.cache), ref.decode(ids[:, :1], ref.cache)]):
+            assert (a - b).abs().max().item() < 1e-4
+    if native.library() is not None:
+        assert head.table.last_kernel in ("fused-int8", "fused-lut4")  # the one-row step ran the fused kernel
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       ref.generate(ids, max_new_tokens=8, do_sample=False))
+    from gpt2kit.training.eval import report
+
+    text = torch.randint(0, 50000, (300,), generator=torch.Generator().manual_seed(0))
+    assert report(model, text, 1000)["perplexity"] == pytest.approx(report(ref, text, 1000)["perplexity"], rel=1e-3)
+    assert TorchAoConfig.from_dict(model.config.quantization_config) == qconfig
+    with pytest.raises(NotImplementedError, match="quantized"):
+        model.resize_token_embeddings(50300)
+
 def test_cli_quantize_flag(gpt2_small_shaped, tmp_path, capsys):
     from gpt2kit.tokenizer import AutoTokenizer as Tok
 
@@ -107,5 +151,13 @@ def test_cli_quantize_flag(gpt2_small_shaped, tmp_path, capsys):
         assert code == 0, err
         scores[q] = json.loads(out)["perplexity"]
     assert abs(scores["int8"] / scores[None] - 1) < 0.01
+    code, out, err = run(["eval", str(text), "--model", str(gpt2_small_shaped), "--json", "--quantize", "int4",
+                          "--quantize-embeddings"], capsys)
+    assert code == 0, err
+    assert abs(json.loads(out)["perplexity"] / scores[None] - 1) < 0.05
     code, out, err = run(["generate", "Hello", "--quantize", "int3"], capsys)
     assert code == 2 and "--quantize" in err
+    for argv, says in ((["--quantize", "nf4", "--quantize-embeddings"], "int8 and int4"),
+                       (["--quantize-embeddings"], "needs --quantize")):
+        code, out, err = run(["generate", "Hello", "--model", str(gpt2_small_shaped)] + argv, capsys)
+        assert code != 0 and says in err and "Traceback" not in err

@@ -108,6 +108,25 @@ def test_decoding_rows_stay_in_consecutive_slots_and_are_read_without_copies(mod
         assert c.tokens() == generate_alone(model, p, n)
 
 
+
+@pytest.mark.parametrize("quantize,embeddings", [("int8", False), ("int4", True)])
+def test_a_quantized_model_serves_what_it_generates_alone(quantize, embeddings):
+    """`gpt2kit serve --quantize` (and --quantize-embeddings): the joint decode/prompt forwards run the
+    quantized modules, and each completion equals that model's own generate."""
+    from gpt2kit.quantization.replace import quantized_modules
+
+    model, tok, _ = load_model_and_tokenizer(None, "cpu", "float32", quantize, embeddings)
+    engine = Engine(model, tok, max_num_seqs=3, max_model_len=256)
+    prompts = [tok.encode(t) for t in ("ROMEO:", "KING: what say you to this", "First Citizen:\nBefore we")]
+    clients = [submit(engine, f"q{i}", p, 10) for i, p in enumerate(prompts[:2])]
+    run_until(engine, lambda: len(clients[0].tokens()) >= 3)
+    clients.append(submit(engine, "q2", prompts[2], 10))  # read while the others decode
+    run_until(engine, lambda: all(c.finished() for c in clients))
+    assert engine.mixed_forwards > 0
+    assert len(quantized_modules(model)) >= 4 * model.config.n_layer
+    for c, p in zip(clients, prompts):
+        assert c.tokens() == generate_alone(model, p, 10)
+
 def test_prefix_reuse_counts_cached_tokens_and_changes_nothing(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, max_num_seqs=2, max_model_len=256)

@@ -38,7 +38,8 @@ CKPT = os.path.join(OUT, "gpt2-small-random")
 LLAMA_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_K_M")
 # (gpt2kit contender, llama.cpp contender): the same weight format, or the nearest one llama.cpp has
 PAIRS = [("gpt2kit-float32", "llama.cpp-f32"), ("gpt2kit-int8", "llama.cpp-q8_0"),
-         ("gpt2kit-int4-g32", "llama.cpp-q4_0"), ("gpt2kit-bfloat16", "llama.cpp-f16"),
+         ("gpt2kit-int4-g32", "llama.cpp-q4_0"), ("gpt2kit-int8-emb", "llama.cpp-q8_0"),
+         ("gpt2kit-int4-g32-emb", "llama.cpp-q4_0"), ("gpt2kit-bfloat16", "llama.cpp-f16"),
          ("gpt2kit-nf4", "llama.cpp-q4_0")]
 
 
@@ -117,15 +118,18 @@ def gguf_weight_bytes(path: str) -> int:
 
 
 def gpt2kit_weight_bytes(model) -> int:
-    """Bytes a gpt2kit decode step reads: the block and ln_f tensors as stored (quantized ones included) plus
-    the LM head (the tied wte, read in full); wte/wpe otherwise only one row."""
+    """Bytes a gpt2kit decode step reads: every tensor as stored (quantized ones included) once, the LM head
+    in full (the tied wte, or its quantized table); wpe, and an untied wte, only one row (not counted)."""
+    head = {t.data_ptr() for t in model.lm_head.state_dict().values()}
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if ".wte." in f".{name}" or ".wpe." in f".{name}" or name == "lm_head.weight" or t.data_ptr() in seen:
+        if name.startswith("transformer.wpe.") or t.data_ptr() in seen:
+            continue
+        if name.startswith("transformer.wte.") and t.data_ptr() not in head:
             continue
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
-    return total + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return total
 
 
 def llama_contender(llama_cpp, path, prompt, new, threads):
@@ -156,6 +160,11 @@ def gpt2kit_contenders(prompt, new) -> dict:
     else:
         modes["gpt2kit-int8"] = dict(quantization_config=TorchAoConfig("int8_weight_only"))
         modes["gpt2kit-int4-g32"] = dict(quantization_config=TorchAoConfig("int4_weight_only", group_size=32))
+        # the tied embedding / head quantized too, as llama.cpp's q8_0 / q4_0 files quantize token_embd
+        modes["gpt2kit-int8-emb"] = dict(quantization_config=TorchAoConfig(
+            "int8_weight_only", include_input_output_embeddings=True))
+        modes["gpt2kit-int4-g32-emb"] = dict(quantization_config=TorchAoConfig(
+            "int4_weight_only", group_size=32, include_input_output_embeddings=True))
         modes["gpt2kit-nf4"] = dict(quantization_config=BitsAndBytesConfig(  # the reference page's example
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype="float16",
             bnb_4bit_use_double_quant=True))

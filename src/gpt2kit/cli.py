@@ -214,7 +214,8 @@ def run_generate(args) -> int:
     prompt = generate_io.read_prompt(args.prompt)
     if not prompt:
         raise GPT2KitError("The prompt is empty: give some text to continue.")
-    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize)
+    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize,
+                                                args.quantize_embeddings)
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)  # (1, L)
     n_pos, L = model.config.n_positions, ids.shape[1]
     max_new = args.max_new_tokens

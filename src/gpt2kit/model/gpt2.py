@@ -14,7 +14,7 @@ from ..config import GPT2Config
 from .cache import Cache, DynamicCache, StaticCache
 from .layers import Block, LayerNorm, Projection
 from .outputs import BaseModelOutputWithPastAndCrossAttentions
-from ..errors import InvalidArgumentError, InvalidInputError, check_context_length
+from ..errors import InvalidArgumentError, InvalidInputError, NotSupportedError, check_context_length
 
 
 class GPT2PreTrainedModel(nn.Module):
@@ -75,8 +75,9 @@ class GPT2PreTrainedModel(nn.Module):
     def tie_weights(self) -> None:
         """Share the LM head's weight with the token embedding when config.tie_word_embeddings."""
         head = self.get_output_embeddings()
-        if head is not None and self.config.tie_word_embeddings:
-            head.weight = self.base_model.wte.weight
+        wte = self.base_model.wte
+        if head is not None and self.config.tie_word_embeddings and isinstance(wte, nn.Embedding):
+            head.weight = wte.weight  # (a quantized table is shared with the head by the quantization)
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -86,6 +87,8 @@ class GPT2PreTrainedModel(nn.Module):
         wte = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return wte
+        if not isinstance(wte, nn.Embedding):
+            raise NotSupportedError("The token embedding is quantized; resize the float model, then quantize it.")
         n = new_num_tokens if new_num_tokens is not None else wte.num_embeddings
         if pad_to_multiple_of:
             n = int(math.ceil(n / pad_to_multiple_of) * pad_to_multiple_of)

@@ -84,9 +84,9 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     def _decoding(self, batch: int, tokens: int, rows_hint: int | None):
         """The matmul policy's context for a decode forward of `tokens` new tokens over `batch` rows."""
-        w = self.lm_head.weight
+        w = self.transformer.wpe.weight  # the model's dtype and device (the head may be quantized)
         hint = rows_hint if rows_hint is not None else linear.pack_rows_hint(w.dtype, batch)
-        key = (w.dtype, w.data_ptr(), id(self.transformer.h))  # a walk over every module costs ~0.5 ms a step
+        key = (w.dtype, w.data_ptr(), id(self.lm_head), id(self.transformer.h))  # a walk over every module: ~0.5 ms
         cached = self.__dict__.get("_may_pack")
         if cached is None or cached[0] != key:
             cached = self.__dict__["_may_pack"] = (key, linear.packable_bytes(self) <= linear.PACK_LIMIT_BYTES)

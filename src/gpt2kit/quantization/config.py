@@ -154,7 +154,8 @@ class TorchAoConfig:
 
     quant_method = "torchao"
 
-    def __init__(self, quant_type: str, modules_to_not_convert=None, **kwargs):
+    def __init__(self, quant_type: str, modules_to_not_convert=None, include_input_output_embeddings: bool = False,
+                 untie_embedding_weights: bool = False, **kwargs):
         if quant_type not in TORCHAO_TYPES:
             raise InvalidInputError(f"TorchAoConfig quant_type must be one of {', '.join(TORCHAO_TYPES)}; got {quant_type!r}.")
         quant_type_kwargs = dict(kwargs.pop("quant_type_kwargs", None) or {})
@@ -171,6 +172,14 @@ class TorchAoConfig:
         self.quant_type = quant_type
         self.quant_type_kwargs = quant_type_kwargs
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        # transformers' flags: quantize the token embedding and the head too (embedding.py), the head from its
+        # own copy when untie_embedding_weights
+        for name, value in (("include_input_output_embeddings", include_input_output_embeddings),
+                            ("untie_embedding_weights", untie_embedding_weights)):
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"TorchAoConfig {name} must be True or False, got {value!r}.")
+        self.include_input_output_embeddings = include_input_output_embeddings
+        self.untie_embedding_weights = untie_embedding_weights
 
     @property
     def group_size(self) -> int | None:
@@ -186,38 +195,43 @@ class TorchAoConfig:
 
     def to_dict(self) -> dict:
         return {"quant_method": self.quant_method, "quant_type": self.quant_type,
-                "quant_type_kwargs": dict(self.quant_type_kwargs), "modules_to_not_convert": self.modules_to_not_convert}
+                "quant_type_kwargs": dict(self.quant_type_kwargs), "modules_to_not_convert": self.modules_to_not_convert,
+                "include_input_output_embeddings": self.include_input_output_embeddings,
+                "untie_embedding_weights": self.untie_embedding_weights}
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "TorchAoConfig":
         d = dict(config_dict)
         d.pop("quant_method", None)
-        for key in ("include_input_output_embeddings", "untie_embedding_weights"):  # transformers' defaults: False
-            if d.pop(key, False):
-                raise InvalidInputError(f"TorchAoConfig {key}=True (quantized embeddings) is not supported.")
         return cls(d.pop("quant_type"), **d)
 
     def __eq__(self, other):
         return isinstance(other, TorchAoConfig) and self.to_dict() == other.to_dict()
 
     def __repr__(self):
-        return f"TorchAoConfig({self.quant_type!r}, {self.quant_type_kwargs})"
+        emb = ", include_input_output_embeddings=True" if self.include_input_output_embeddings else ""
+        return f"TorchAoConfig({self.quant_type!r}, {self.quant_type_kwargs}{emb})"
 
 
 # --quantize names of the command line -> configs
 SHORT_NAMES = ("nf4", "fp4", "int8", "int4")
 
 
-def config_for(name: str, group_size: int = 32):
+def config_for(name: str, group_size: int = 32, embeddings: bool = False):
     """The config a short name stands for: nf4/fp4 (bitsandbytes 4-bit, double quant), int8 (LLM.int8's
-    format), int4 (affine per-group, TorchAo)."""
+    format), int4 (affine per-group, TorchAo). embeddings: the token embedding and tied head quantized too
+    (int8 and int4 only, as TorchAoConfig(include_input_output_embeddings=True))."""
+    if embeddings and name not in ("int8", "int4"):
+        raise InvalidInputError(f"Quantized embeddings are offered for int8 and int4, not {name!r}: bitsandbytes' "
+                                "formats keep the embedding and the head in float.")
     if name == "nf4" or name == "fp4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name, bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype="bfloat16")
-    if name == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+    if name == "int8":  # with the embeddings: torchao's int8, the same per-row storage as LLM.int8's
+        return (TorchAoConfig("int8_weight_only", include_input_output_embeddings=True) if embeddings
+                else BitsAndBytesConfig(load_in_8bit=True))
     if name == "int4":
-        return TorchAoConfig("int4_weight_only", group_size=group_size)
+        return TorchAoConfig("int4_weight_only", group_size=group_size, include_input_output_embeddings=embeddings)
     raise InvalidInputError(f"Unknown quantization {name!r}; choose one of {', '.join(SHORT_NAMES)}.")
 
 

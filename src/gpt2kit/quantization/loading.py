@@ -89,6 +89,10 @@ class QuantizedLoad:
             raise NotSupportedError(f"No weights for the quantized modules {sorted(missing)[:5]}.")
         for name, module in self.modules.items():
             model.set_submodule(name, module.to(device))
+        if getattr(self.qconfig, "include_input_output_embeddings", False):
+            from .embedding import quantize_embeddings
+
+            quantize_embeddings(model, self.qconfig)  # the float table was loaded whole: 0.15 GB for GPT-2
         model.quantization_config = self.qconfig
         model.is_loaded_in_4bit = self.qconfig.mode in ("nf4", "fp4", "int4")
         model.is_loaded_in_8bit = self.qconfig.mode == "int8"

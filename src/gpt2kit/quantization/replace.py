@@ -52,7 +52,12 @@ def compute_dtype(qconfig):
 
 def from_float(weight_in_out: torch.Tensor, bias: torch.Tensor | None, qconfig) -> QuantizedProjection:
     """A quantized module from a Conv1D weight [in, out] (GPT-2's layout) and its bias."""
-    w = weight_in_out.detach().t()  # Linear layout [out, in], as bitsandbytes quantizes it
+    return from_float_linear(weight_in_out.detach().t(), bias, qconfig)  # Linear layout, as bitsandbytes quantizes
+
+
+def from_float_linear(w: torch.Tensor, bias: torch.Tensor | None, qconfig) -> QuantizedProjection:
+    """A quantized module from a weight in Linear layout [out, in] and its bias."""
+    w = w.detach()
     if isinstance(qconfig, BitsAndBytesConfig):
         if qconfig.load_in_8bit:
             cb, scb = Q.quantize_int8_rowwise(w)
@@ -68,11 +73,16 @@ def from_float(weight_in_out: torch.Tensor, bias: torch.Tensor | None, qconfig) 
 
 
 def quantize_model(model, qconfig) -> list[str]:
-    """Swap the projections of an in-memory float model for quantized ones, in place. Returns their names."""
+    """Swap the projections of an in-memory float model for quantized ones, in place (and the embeddings, with
+    TorchAoConfig(include_input_output_embeddings=True)). Returns the projections' names."""
     names = targets([n for n, _ in model.named_modules()], qconfig)
     for name in names:
         old = model.get_submodule(name)
         model.set_submodule(name, from_float(old.weight, old.bias, qconfig))
+    if getattr(qconfig, "include_input_output_embeddings", False):
+        from .embedding import quantize_embeddings
+
+        quantize_embeddings(model, qconfig)
     model.quantization_config = qconfig
     return names
 

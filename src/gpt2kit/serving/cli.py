@@ -95,7 +95,8 @@ def load_engine(state, args) -> None:
     from .metrics import Metrics
     from .scheduler import Engine
 
-    model, tok, _ = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize)
+    model, tok, _ = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize,
+                                              args.quantize_embeddings)
     cfg = model.config
     source = args.model if args.model is not None else default_model_dir()
     max_len = args.max_model_len or cfg.n_positions

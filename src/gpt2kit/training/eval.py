@@ -62,8 +62,13 @@ def sliding_window_nll(model, ids: torch.Tensor, max_length: int | None = None, 
         n = int((y != IGNORE_INDEX).sum())
         if n == 0:
             continue
-        mean = linear_cross_entropy(hidden.flatten(0, 1).float(), model.lm_head.weight.float(), y.flatten().to(device),
-                                    compute_dtype=torch.float32)
+        weight = getattr(model.lm_head, "weight", None)
+        if weight is None:  # a quantized head (TorchAoConfig(include_input_output_embeddings=True)): its own kernels
+            logits = model.lm_head(hidden.flatten(0, 1)).float()  # (b*T, V)
+            mean = torch.nn.functional.cross_entropy(logits, y.flatten().to(device), ignore_index=IGNORE_INDEX)
+        else:
+            mean = linear_cross_entropy(hidden.flatten(0, 1).float(), weight.float(), y.flatten().to(device),
+                                        compute_dtype=torch.float32)
         total += float(mean) * n
         count += n
     return total, count
@@ -87,7 +92,8 @@ def eval_command(args) -> int:
 
     data = read_text(args.file)
     start = split_point(data, 1.0 - args.val_fraction) if args.val_fraction else 0
-    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize)
+    model, tok, name = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize,
+                                                args.quantize_embeddings)
     ids = open_tokens(tokenize_to_cache(args.file, tok, start=start, end=len(data), progress=args.progress, data=data))
     result = report(model, ids, len(data) - start, args.max_length, args.stride, args.batch_size, args.progress)
     result.update(model=name, file=args.file, byte_range=[start, len(data)])
