@@ -209,6 +209,14 @@ INV_127 = 7.874015718698502e-3  # float32(1 / 127)
 
 # -- affine int4 / symmetric int8 (torchao's weight-only modes) ----------------------------------------
 
+def by_row_chunks(fn, weight: torch.Tensor, rows: int = 4096):
+    """fn(weight[chunk]) -> a tuple of tensors, applied to chunks of `rows` rows and concatenated along dim 0:
+    the same result for a row-wise quantization, with the float temporaries of one chunk at a time (a
+    50257-row embedding quantized whole held ~0.4 GB of them)."""
+    parts = [fn(weight[i:i + rows]) for i in range(0, weight.shape[0], rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 def quantize_int4_affine(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row, groups of `group_size` inputs (gpt-fast's int4 weight-only): returns (q int32 [N, K] in 0..15,
     scales float32 [N, K/g], zeros float32 [N, K/g]) with w ~ (q - 8) * scale + zero."""

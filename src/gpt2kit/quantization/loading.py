@@ -92,7 +92,8 @@ class QuantizedLoad:
         if getattr(self.qconfig, "include_input_output_embeddings", False):
             from .embedding import quantize_embeddings
 
-            quantize_embeddings(model, self.qconfig)  # the float table was loaded whole: 0.15 GB for GPT-2
+            quantize_embeddings(model, self.qconfig)  # from the memory-mapped float table, a chunk of rows at a time
+            release_freed_memory()
         model.quantization_config = self.qconfig
         model.is_loaded_in_4bit = self.qconfig.mode in ("nf4", "fp4", "int4")
         model.is_loaded_in_8bit = self.qconfig.mode == "int8"

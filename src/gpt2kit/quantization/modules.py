@@ -160,10 +160,14 @@ class LinearInt4(QuantizedProjection):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int, compute_dtype=None):
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, bias, compute_dtype)
-        q, scales, zeros = Q.quantize_int4_affine(weight, group_size)
+        def packed(w):  # (n, in) float -> (n, in / 2) uint8 codes, high nibble first, and (n, in / g) scales, zeros
+            q, scales, zeros = Q.quantize_int4_affine(w, group_size)
+            flat = q.reshape(-1).to(torch.uint8)
+            return ((flat[0::2] << 4) | flat[1::2]).view(w.shape[0], in_features // 2), scales, zeros
+
+        codes, scales, zeros = Q.by_row_chunks(packed, weight)
         self.group_size = group_size
-        flat = q.reshape(-1).to(torch.uint8)
-        self.register_buffer("weight", ((flat[0::2] << 4) | flat[1::2]).view(out_features, in_features // 2))
+        self.register_buffer("weight", codes)
         self.register_buffer("scales", scales.contiguous())  # float32 [N, K / group_size]
         self.register_buffer("zeros", zeros.contiguous())
         self.register_buffer("code", torch.arange(16, dtype=torch.float32) - 8)

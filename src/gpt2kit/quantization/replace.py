@@ -66,9 +66,9 @@ def from_float_linear(w: torch.Tensor, bias: torch.Tensor | None, qconfig) -> Qu
         return Linear4bit(q, bias, compute_dtype(qconfig))
     if isinstance(qconfig, TorchAoConfig):
         if qconfig.mode == "int8":  # symmetric per output channel: the same storage as LLM.int8's
-            cb, scb = Q.quantize_int8_rowwise(w.float())
+            cb, scb = Q.by_row_chunks(lambda rows: Q.quantize_int8_rowwise(rows.float()), w)
             return Linear8bit(cb, scb, bias)
-        return LinearInt4(w.float(), bias, qconfig.group_size)
+        return LinearInt4(w, bias, qconfig.group_size)
     raise InvalidInputError(f"quantization_config must be a BitsAndBytesConfig or TorchAoConfig, got {type(qconfig).__name__}.")
 
 
