@@ -112,9 +112,14 @@ def child(spec):
     print("RESULT " + json.dumps(result), flush=True)
 
 
+def checkpoint_bytes(path):
+    """The float32 checkpoint's size: model.safetensors, or its shards (GPT-2 XL is saved in two)."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
 def make_checkpoint(size, root):
     path = os.path.join(root, f"gpt2-{size}-f32")
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
+    if not os.path.exists(os.path.join(path, "config.json")) or not checkpoint_bytes(path):
         from gpt2kit import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(0)
@@ -219,7 +224,7 @@ def main():
             row["floor_tok_s_b1"] = bw * 1e9 / (block_weights * BYTES_PER_WEIGHT[base] + head)
             print(size, json.dumps(row), flush=True)
             rows.append(row)
-        results["sizes"][size] = dict(checkpoint_bytes=os.path.getsize(os.path.join(path, "model.safetensors")), rows=rows)
+        results["sizes"][size] = dict(checkpoint_bytes=checkpoint_bytes(path), rows=rows)
         print_table(size, results["sizes"][size])
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

@@ -1,7 +1,7 @@
 """gpt2kit against an earlier gpt2kit, side by side in one run: did a change cost speed?
 
 Each figure comes from a fresh process per round, with PYTHONPATH pointing at one tree's src/, the two trees
-alternating round by round (so both see the same machine load), on GPT-2 small's shape with the same random
+alternating round by round, which goes first flipping each round (so both see the same machine load), on GPT-2 small's shape with the same random
 weights. Reports the median over rounds for each tree and the ratio new / old.
 
     git worktree add /tmp/old <commit>
@@ -88,8 +88,10 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         figs = {"old": [], "new": []}
-        for _ in range(args.rounds):
-            for side in ("old", "new"):
+        for r in range(args.rounds):
+            # the order flips every round: the second process of a pair ran bf16 cases 8-23% slower whichever
+            # tree it held (measured with the trees swapped), so a fixed order biased the ratio
+            for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
                 figs[side].append(run(getattr(args, side), case, args.repeats, args.threads))
         old = statistics.median(f["tokens_per_s"] for f in figs["old"])
         new = statistics.median(f["tokens_per_s"] for f in figs["new"])

@@ -144,7 +144,7 @@ class Attention(nn.Module):
                 mask, is_causal = causal_mask(k.shape[-2] - T, T, k.shape[-2], q.device)[-last:][None, None], False
         eager = eager or self.config._attn_implementation == "eager"
         if plan.groups is not None:  # rows at different lengths (a server's step)
-            return self._attend_groups(q, k, v, mask, plan.groups, eager)
+            return self._attend_groups(q, k, v, mask, plan.groups, dropout, eager)
         return attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
                       eager=eager)[0]
 
@@ -162,15 +162,15 @@ class Attention(nn.Module):
             ys.append(y.transpose(1, 2).reshape(-1, C))
         return self.c_proj(torch.cat(ys)[None])  # (1, N', C)
 
-    def _attend_groups(self, q, k, v, mask, groups, eager):
+    def _attend_groups(self, q, k, v, mask, groups, dropout, eager):
         """q: (B, H, T, D), k/v: (B, H, S, D), mask (B, 1, T, S): one attention call per run of rows (lo, hi,
         n, masked), each over the first n keys only (StaticCache.attention_groups chose the runs)."""
         T = q.shape[2]
         ys = []
         for lo, hi, n, masked in groups:
             m = mask[lo:hi, :, :, :n] if masked or T > 1 else None  # equal lengths, one query: every key is seen
-            y, _ = attend(q[lo:hi], k[lo:hi, :, :n], v[lo:hi, :, :n], m, False, scaling=self.scaling, dropout=0.0,
-                          upcast=self.upcast, eager=eager)
+            y, _ = attend(q[lo:hi], k[lo:hi, :, :n], v[lo:hi, :, :n], m, False, scaling=self.scaling,
+                          dropout=dropout, upcast=self.upcast, eager=eager)
             ys.append(y)
         return torch.cat(ys, 0)  # (B, H, T, D)
 
