@@ -42,7 +42,7 @@ def add_serve(sub):
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="sequences that may wait for a slot; beyond it requests get 503 with Retry-After (default 256)")
     p.add_argument("--prefill-chunk", type=positive_int, default=512,
-                   help="most prompt tokens read per step while other sequences decode (chunked prefill: one per decoding row and 16 per prompt waiting, up to this; default 512)")
+                   help="most prompt tokens read per step while other sequences decode (chunked prefill: three per decoding row and 16 per prompt waiting, up to this; default 512)")
     p.add_argument("--max-logprobs", type=nonneg_int, default=20, help="cap on logprobs / top_logprobs (default 20)")
     p.add_argument("--max-body-bytes", type=positive_int, default=16 << 20, help="largest request body (default 16 MiB)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="weight precision (auto: float32 on CPU)")

@@ -32,6 +32,7 @@ from .stop import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger("gpt2kit.serve")
 MIN_CHUNK = 16  # prompt tokens read per step beside running decodes, however few they are
+PROMPT_TOKENS_PER_ROW = 3  # prompt tokens a step reads per decoding row (see Engine._chunks)
 
 
 @dataclass
@@ -307,14 +308,17 @@ class Engine:
 
     def _chunks(self, decoding: int) -> list:
         """This step's prompt chunks, oldest request first, up to the step's token budget: large when nobody
-        is decoding; while others are, as many prompt tokens as decoding rows, and at least MIN_CHUNK for
-        each prompt waiting to be read (at most --prefill-chunk). The first term bounds what a prompt adds
-        to a running stream's inter-token time (a fixed 64-token chunk beside 4 decoding streams made their
-        inter-token p99 5.4x the p50); the second keeps a queue of prompts from starving: with the first
-        alone, 32 closed-loop clients (benchmarks/serve.py, GPT-2 small, 2 cores) got 57 output tokens/s
-        and a 52 s median time to first token, as one decoding row let 16 prompt tokens in a step."""
+        is decoding; while others are, PROMPT_TOKENS_PER_ROW prompt tokens per decoding row, and at least
+        MIN_CHUNK for each prompt waiting to be read (at most --prefill-chunk). The first term bounds what a
+        prompt adds to a running stream's inter-token time (the joint step then has about four rows of
+        GEMM work per decoding row: about twice a plain step's time; a fixed 64-token chunk beside 4
+        decoding streams made their inter-token p99 5.4x the p50) while reading a joined request's prompt
+        fast enough that its slot does not idle for long (32 closed-loop clients, GPT-2 small, 2 cores,
+        in-process, alternating: 3 per row 109.0 / 109.2 output tokens/s, 1 per row 94.5 / 102.3); the
+        second keeps a queue of prompts from starving (with one token per decoding row alone: 57 tokens/s
+        and a 52 s median time to first token)."""
         if decoding:
-            budget = min(self.prefill_chunk, max(decoding, MIN_CHUNK * len(self.prefilling)))
+            budget = min(self.prefill_chunk, max(PROMPT_TOKENS_PER_ROW * decoding, MIN_CHUNK * len(self.prefilling)))
         else:
             budget = self.prefill_chunk_idle
         out = []
