@@ -187,6 +187,11 @@ def test_decode_parts_equals_each_part_alone(attn, grouped, monkeypatch):
     for t in range(7):
         assert (out[2][0, t] - alone(m, chunk4[: t + 1])).abs().max() <= 1e-5, t
     assert cache.lengths == [5, 10, 7, 8, 7]
+    for bad in ([(torch.tensor([[1]]), torch.tensor([0]), 1), (torch.tensor([[2, 3]]), torch.tensor([0]), 1)],
+                [(torch.tensor([[1]]), None, 1), (torch.tensor([[2]]), torch.tensor([1]), 1)]):
+        with pytest.raises(ValueError, match="decode_parts"):  # one slot twice; a part without its slots
+            m.decode_parts(bad, cache)
+    assert cache.lengths == [5, 10, 7, 8, 7]  # nothing was written
     if grouped:
         assert len(calls) == TINY["n_layer"]  # the decoding rows (three lengths) attended in groups
 

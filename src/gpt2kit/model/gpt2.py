@@ -408,6 +408,11 @@ class GPT2Model(GPT2PreTrainedModel):
         T=512). The projections run once over all N = sum(B_i * T_i) tokens, so the weights are read once
         a step; attention runs per part. -> final hidden states (1, sum(B_i * kept_i), C), parts in order,
         each row's kept (last_i, or all T_i for None) positions in row order."""
+        if any(rows is None for _, rows, _ in parts):
+            raise InvalidInputError("decode_parts needs the slots of every part: pass rows= (a (B_i,) tensor) for each.")
+        slots = [r for _, rows, _ in parts for r in rows.tolist()]
+        if len(set(slots)) != len(slots):
+            raise InvalidInputError(f"decode_parts: a slot may be in one part only, got slots {slots}.")
         plans = [cache.plan(ids.shape[1], rows) for ids, rows, _ in parts]  # all before any commit
         x = torch.cat([self._embed_planned(ids, plan).flatten(0, 1) for (ids, _, _), plan in zip(parts, plans)])
         steps = [PartStep(plan, ids.shape[0], ids.shape[1], None if last is None or last >= ids.shape[1] else last)
