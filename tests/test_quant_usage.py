@@ -134,6 +134,27 @@ def test_quantized_embeddings_serve_the_lookup_and_the_head(gpt2_small_shaped, q
     with pytest.raises(NotImplementedError, match="quantized"):
         model.resize_token_embeddings(50300)
 
+
+@pytest.mark.parametrize("qconfig", [BitsAndBytesConfig(load_in_8bit=True),
+                                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True),
+                                     TorchAoConfig("int4_weight_only", group_size=32, include_input_output_embeddings=True)],
+                         ids=["int8", "nf4-dq", "int4-emb"])
+def test_a_quantized_model_cast_to_bfloat16_keeps_its_format(gpt2_small_shaped, qconfig):
+    """model.to(torch.bfloat16) casts the float parts (embeddings, norms, biases); the quantized statistics
+    stay float32, as the kernels read them (before, the cast made every logit NaN, and a bfloat16 bias was
+    passed to the kernel as a freed float32 temporary)."""
+    model = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=qconfig)
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
+    with torch.no_grad():
+        want = model(ids).logits
+        model.to(torch.bfloat16)
+        got = model(ids).logits
+    for m in quantized_modules(model).values():
+        assert all(t.dtype in (torch.float32, torch.uint8, torch.int8) for t in m.buffers())
+        assert m.bias is None or m.bias.dtype is torch.bfloat16
+    assert got.dtype is torch.bfloat16 and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max().item() < 0.05 * want.abs().max().item()  # a few bf16 roundings
+
 def test_cli_quantize_flag(gpt2_small_shaped, tmp_path, capsys):
     from gpt2kit.tokenizer import AutoTokenizer as Tok
 

@@ -63,6 +63,25 @@ class QuantizedProjection(nn.Module):
             y = apply_activation(y, activation, one_kernel=in_decode())
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(dtype)` / `.half()` leave the stored statistics (scales, absmax, zeros, code tables) in
+        float32: they are part of the format and the kernels read them as float32 (cast to bfloat16, every
+        logit came out NaN); `.to(device)` moves them. The bias follows the model's dtype."""
+        buffers, self._buffers = self._buffers, {}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers = buffers
+        ref = next((b for b in buffers.values() if b is not None), None)
+        if ref is not None:
+            device = fn(torch.empty(0, device=ref.device)).device
+            for name, buf in buffers.items():
+                if buf is not None:
+                    buffers[name] = buf.to(device)
+        if getattr(self, "_int4pack", None) is not None:
+            self._int4pack = None  # PyTorch's packed copy, rebuilt from the moved buffers
+        return self
+
     def _bias32(self):
         b = self.bias
         return b if b is None or b.dtype is torch.float32 else b.float()
@@ -134,10 +153,11 @@ class Linear4bit(QuantizedProjection):
         lib = native.library()
         M = x2.shape[0]
         if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
+            bias = self._bias32()  # held across the call: a freed temporary's memory could become y's
             y = torch.empty(M, self.out_features, dtype=torch.float32)
             rc = lib.gpt2kit_lut4_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
                                      self.out_features, native.ptr(self.quant_map), native.ptr(self.absmax), None,
-                                     self.blocksize, native.ptr(self._bias32()), native.ptr(y), self.out_features)
+                                     self.blocksize, native.ptr(bias), native.ptr(y), self.out_features)
             assert rc == 0
             self.last_kernel = "fused-lut4"
             return y
@@ -198,10 +218,11 @@ class LinearInt4(QuantizedProjection):
         lib = native.library()
         M = x2.shape[0]
         if lib is not None and M <= SMALL_BATCH:
+            bias = self._bias32()  # held across the call: a freed temporary's memory could become y's
             y = torch.empty(M, self.out_features, dtype=torch.float32)
             rc = lib.gpt2kit_lut4_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
                                      self.out_features, native.ptr(self.code), native.ptr(self.scales),
-                                     native.ptr(self.zeros), self.group_size, native.ptr(self._bias32()),
+                                     native.ptr(self.zeros), self.group_size, native.ptr(bias),
                                      native.ptr(y), self.out_features)
             assert rc == 0
             self.last_kernel = "fused-lut4"
@@ -250,9 +271,10 @@ class Linear8bit(QuantizedProjection):
         lib = native.library()
         M = x2.shape[0]
         if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
+            bias = self._bias32()  # held across the call: a freed temporary's memory could become y's
             y = torch.empty(M, self.out_features, dtype=torch.float32)
             rc = lib.gpt2kit_int8_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
-                                     self.out_features, native.ptr(self.scale), native.ptr(self._bias32()),
+                                     self.out_features, native.ptr(self.scale), native.ptr(bias),
                                      native.ptr(y), self.out_features)
             assert rc == 0
             self.last_kernel = "fused-int8"
