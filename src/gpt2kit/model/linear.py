@@ -239,7 +239,7 @@ class _PolicyLinear:
             y = F.linear(x, self._weight_out_in(), params["bias"])
             # a decode step (model.decode) takes the one-kernel tanh GELU, as the packed path's fused one is:
             # 1 op instead of 8 on a (1, 3072) row, within ~1e-7; model.forward keeps the formula's bits
-            return apply_activation(y, activation, one_kernel=_DECODE.state is not None or wants_grad(x, w))
+            return apply_activation(y, activation, one_kernel=in_decode() or wants_grad(x, w))
         elif path == TRAIN:
             x2 = x.reshape(-1, x.shape[-1])  # (N, in)
             y = apply_activation(_OneDNNLinear.apply(x2, self._weight_in_out(), self.bias), activation, one_kernel=True)

@@ -49,7 +49,10 @@ class QuantizedHead(nn.Module):
 
 
 def quantize_embeddings(model, qconfig) -> None:
-    """Swap the token embedding (and the head: the same table when tied) for quantized ones, in place."""
+    """With include_input_output_embeddings (TorchAoConfig), swap the token embedding (and the head: the same
+    table when tied) for quantized ones, in place; else nothing."""
+    if not getattr(qconfig, "include_input_output_embeddings", False):
+        return
     from .replace import from_float_linear
 
     wte = model.get_input_embeddings()

@@ -89,11 +89,10 @@ class QuantizedLoad:
             raise NotSupportedError(f"No weights for the quantized modules {sorted(missing)[:5]}.")
         for name, module in self.modules.items():
             model.set_submodule(name, module.to(device))
-        if getattr(self.qconfig, "include_input_output_embeddings", False):
-            from .embedding import quantize_embeddings
+        from .embedding import quantize_embeddings
 
-            quantize_embeddings(model, self.qconfig)  # from the memory-mapped float table, a chunk of rows at a time
-            release_freed_memory()
+        quantize_embeddings(model, self.qconfig)  # from the memory-mapped float table, a chunk of rows at a time
+        release_freed_memory()
         model.quantization_config = self.qconfig
         model.is_loaded_in_4bit = self.qconfig.mode in ("nf4", "fp4", "int4")
         model.is_loaded_in_8bit = self.qconfig.mode == "int8"

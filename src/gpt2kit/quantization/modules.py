@@ -144,21 +144,17 @@ class Linear4bit(QuantizedProjection):
         if lib is None or not self._fused_ok():
             return super().dequantize_rows(n0, n1)
         out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
-        rc = lib.gpt2kit_lut4_dequant(native.ptr(self.weight), n0, n1, self.in_features, native.ptr(self.quant_map),
-                                      native.ptr(self.absmax), None, self.blocksize, native.ptr(out))
-        assert rc == 0
+        native.call(lib.gpt2kit_lut4_dequant, self.weight, n0, n1, self.in_features, self.quant_map, self.absmax, None,
+                    self.blocksize, out)
         return out
 
     def _product(self, x2):
         lib = native.library()
         M = x2.shape[0]
         if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
-            bias = self._bias32()  # held across the call: a freed temporary's memory could become y's
             y = torch.empty(M, self.out_features, dtype=torch.float32)
-            rc = lib.gpt2kit_lut4_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
-                                     self.out_features, native.ptr(self.quant_map), native.ptr(self.absmax), None,
-                                     self.blocksize, native.ptr(bias), native.ptr(y), self.out_features)
-            assert rc == 0
+            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, self.weight, self.out_features,
+                        self.quant_map, self.absmax, None, self.blocksize, self._bias32(), y, self.out_features)
             self.last_kernel = "fused-lut4"
             return y
         return self._dequantized_product(x2)
@@ -209,22 +205,17 @@ class LinearInt4(QuantizedProjection):
         if lib is None:
             return super().dequantize_rows(n0, n1)
         out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
-        rc = lib.gpt2kit_lut4_dequant(native.ptr(self.weight), n0, n1, self.in_features, native.ptr(self.code),
-                                      native.ptr(self.scales), native.ptr(self.zeros), self.group_size, native.ptr(out))
-        assert rc == 0
+        native.call(lib.gpt2kit_lut4_dequant, self.weight, n0, n1, self.in_features, self.code, self.scales, self.zeros,
+                    self.group_size, out)
         return out
 
     def _product(self, x2):
         lib = native.library()
         M = x2.shape[0]
         if lib is not None and M <= SMALL_BATCH:
-            bias = self._bias32()  # held across the call: a freed temporary's memory could become y's
             y = torch.empty(M, self.out_features, dtype=torch.float32)
-            rc = lib.gpt2kit_lut4_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
-                                     self.out_features, native.ptr(self.code), native.ptr(self.scales),
-                                     native.ptr(self.zeros), self.group_size, native.ptr(bias),
-                                     native.ptr(y), self.out_features)
-            assert rc == 0
+            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, self.weight, self.out_features,
+                        self.code, self.scales, self.zeros, self.group_size, self._bias32(), y, self.out_features)
             self.last_kernel = "fused-lut4"
             return y
         if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
@@ -271,12 +262,9 @@ class Linear8bit(QuantizedProjection):
         lib = native.library()
         M = x2.shape[0]
         if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
-            bias = self._bias32()  # held across the call: a freed temporary's memory could become y's
             y = torch.empty(M, self.out_features, dtype=torch.float32)
-            rc = lib.gpt2kit_int8_mm(native.ptr(x2), M, self.in_features, self.in_features, native.ptr(self.weight),
-                                     self.out_features, native.ptr(self.scale), native.ptr(bias),
-                                     native.ptr(y), self.out_features)
-            assert rc == 0
+            native.call(lib.gpt2kit_int8_mm, x2, M, self.in_features, self.in_features, self.weight, self.out_features,
+                        self.scale, self._bias32(), y, self.out_features)
             self.last_kernel = "fused-int8"
             return y
         from ..model import onednn

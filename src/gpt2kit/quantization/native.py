@@ -78,7 +78,11 @@ def _compile(cc: str, path: str) -> None:
             os.remove(tmp)
 
 
-def ptr(t: torch.Tensor | None):
-    """A tensor's address for a c_void_p argument: a plain int (ctypes converts it; a c_void_p object per
-    argument costs ~0.5 us more, and a decode step makes ~300 such arguments)."""
-    return None if t is None else t.data_ptr()
+def call(fn, *args) -> None:
+    """fn(*args) with every tensor argument passed by its address. The tensors stay referenced (by `args`)
+    until the kernel returns, so a temporary (a bias cast to float32) cannot be freed and its memory handed
+    to the output first; plain ints rather than c_void_p objects (~0.5 us less each, ~300 a decode step).
+    A kernel's non-zero status (arguments it refuses) raises."""
+    rc = fn(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+    if rc != 0:
+        raise RuntimeError(f"gpt2kit kernel {getattr(fn, '__name__', fn)} refused its arguments (status {rc}).")

@@ -79,10 +79,9 @@ def quantize_model(model, qconfig) -> list[str]:
     for name in names:
         old = model.get_submodule(name)
         model.set_submodule(name, from_float(old.weight, old.bias, qconfig))
-    if getattr(qconfig, "include_input_output_embeddings", False):
-        from .embedding import quantize_embeddings
+    from .embedding import quantize_embeddings
 
-        quantize_embeddings(model, qconfig)
+    quantize_embeddings(model, qconfig)
     model.quantization_config = qconfig
     return names
 
