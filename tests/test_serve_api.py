@@ -190,6 +190,7 @@ def test_models_tokenize_detokenize_version_metrics(server):
         assert h.post("/detokenize", json={"tokens": t["tokens"]}).json() == {"prompt": "Hello world"}
         assert h.get("/version").json()["version"]
         assert h.get("/health").status_code == 200
+        h.post("/v1/completions", json={"prompt": "KING", "max_tokens": 2})  # the counters below need a generation
         metrics = h.get("/metrics").text
         for name in ("gpt2kit:num_requests_running", "gpt2kit:num_requests_waiting", "gpt2kit:prompt_tokens_total",
                      "gpt2kit:generation_tokens_total", "gpt2kit:time_to_first_token_seconds_bucket",
@@ -198,6 +199,16 @@ def test_models_tokenize_detokenize_version_metrics(server):
             assert name in metrics, name
         generated = [l for l in metrics.splitlines() if l.startswith("gpt2kit:generation_tokens_total")]
         assert float(generated[0].split()[-1]) > 0
+
+
+def test_models_retrieve_and_ping(client, server):
+    card = client.models.retrieve("gpt2kit-default")  # GET /v1/models/{id}
+    assert card.id == "gpt2kit-default" and card.model_extra["max_model_len"] == 256
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"
+    with httpx.Client(base_url=server.url) as h:
+        assert h.get("/ping").status_code == 200 and h.post("/ping").status_code == 200
 
 
 def test_raw_sse_format(server):

@@ -152,14 +152,22 @@ def build_app(state: ServerState, ui: bool = True) -> FastAPI:
         result = await create_chat_completion(state, await body_of(request, ChatCompletionRequest), request)
         return result if isinstance(result, Response) or result is None else JSONResponse(result)
 
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "gpt2kit", "root": state.root,
+                "parent": None, "max_model_len": state.limits.max_model_len, "permission": []}
+
     @app.get("/v1/models")
     async def models(request: Request):
         state.authorize(request)
         state.check_serving()
-        max_len = state.limits.max_model_len
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "gpt2kit", "root": state.root, "parent": None,
-             "max_model_len": max_len, "permission": []} for name in state.served_names]}
+        return {"object": "list", "data": [model_card(name) for name in state.served_names]}
+
+    @app.get("/v1/models/{name:path}")  # the openai client's models.retrieve(name); a name may hold slashes
+    async def model(name: str, request: Request):
+        state.authorize(request)
+        state.check_serving()
+        state.check_model(name)
+        return model_card(name)
 
     @app.get("/health")
     async def health():
@@ -173,6 +181,10 @@ def build_app(state: ServerState, ui: bool = True) -> FastAPI:
         if state.metrics is None:
             return PlainTextResponse("", status_code=503)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) liveness route: /health's answer
+    async def ping():
+        return await health()
 
     @app.get("/version")
     async def version():
