@@ -195,7 +195,7 @@ def main():
                               load_average=os.getloadavg())))
         return kernels(args.kernels)
 
-    from gpt2kit.quantization import native
+    from gpt2kit import native
 
     bw = bandwidth_gb_s()
     info = dict(instruction_set=instruction_set(), native_kernels=native.library() is not None,

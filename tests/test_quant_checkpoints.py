@@ -129,7 +129,7 @@ def test_skip_modules_and_fast_path(float_dir):
     assert not isinstance(model.transformer.h[0].attn.c_proj, QuantizedProjection)
     out = model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
-    from gpt2kit.quantization import native
+    from gpt2kit import native
 
     expected = "fused-lut4" if native.library() is not None else "dequantize+mm"  # the kernel for this CPU
     assert model.transformer.h[0].mlp.c_fc.last_kernel == expected
@@ -154,7 +154,7 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
 @pytest.mark.parametrize("out_features", [12, 10])  # four rows at a time, and two left over
 @pytest.mark.parametrize("rows", [1, 3])  # decode's one-input-row kernel, and the general one
 def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
-    from gpt2kit.quantization import native
+    from gpt2kit import native
 
     g = torch.Generator().manual_seed(out_features + rows)
     cb = torch.randint(-127, 128, (out_features, 64), generator=g, dtype=torch.int8)
@@ -180,7 +180,7 @@ def test_4bit_one_row_kernel_matches_its_dequantized_weights(float_dir, quant_ty
     with torch.no_grad():
         for ids in (IDS[:, :1], IDS[:, :3]):
             assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
-    from gpt2kit.quantization import native
+    from gpt2kit import native
 
     if native.library() is not None:
         assert {m.last_kernel for m in quantized_modules(model).values()} == {"fused-lut4"}

@@ -65,7 +65,7 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
     model = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=qconfig)
     ref = float_twin(model, gpt2_small_shaped)
     ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
-    from gpt2kit.quantization import native
+    from gpt2kit import native
 
     with torch.no_grad():
         got, want = model(ids).logits, ref(ids).logits  # model.forward
@@ -99,7 +99,7 @@ def test_quantized_embeddings_serve_the_lookup_and_the_head(gpt2_small_shaped, q
     """TorchAoConfig(include_input_output_embeddings=True): the tied [V, C] table is held quantized once (twice
     with untie_embedding_weights), looked up by rows and multiplied as the head by the fused kernels; the
     model equals a float model holding the dequantized weights."""
-    from gpt2kit.quantization import native
+    from gpt2kit import native
     from gpt2kit.quantization.embedding import QuantizedEmbedding, QuantizedHead
 
     qconfig = TorchAoConfig(quant_type, include_input_output_embeddings=True, untie_embedding_weights=untie, **kwargs)

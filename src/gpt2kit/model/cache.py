@@ -127,6 +127,9 @@ class SlotWrite:
     # rows at different lengths: attention runs per group of consecutive rows (lo, hi, keys read, masked), each
     # reading only up to its longest row instead of every row up to the longest of all (None: one call)
     groups: list | None = None
+    # one new token per row and no key mask: each row's query sees exactly its first key_counts[b] keys,
+    # (B,) int64 on the CPU, what the one-query kernel reads instead of a mask (None otherwise)
+    key_counts: torch.Tensor | None = None
 
 
 class StaticCache(Cache):
@@ -223,7 +226,8 @@ class StaticCache(Cache):
             groups = attention_groups([n + T for n in starts], GROUP_CALL_BYTES / row_bytes)
             if len(groups) == 1:
                 groups = None
-        return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups)
+        key_counts = torch.tensor([n + 1 for n in starts]) if T == 1 and key_mask is None else None
+        return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups, key_counts)
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, plan: SlotWrite):
         """Store one layer's new keys/values (B, H, T, D) as planned; return what its attention reads:

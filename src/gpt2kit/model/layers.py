@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache, SlotWrite, causal_mask
+from .. import native
 from .linear import ACTIVATIONS, Projection, check_activation  # noqa: F401 - ACTIVATIONS re-exported
 from ..errors import InvalidInputError
 
@@ -42,13 +43,44 @@ def eager_attention(q, k, v, mask, scaling: float, dropout: float, upcast: bool)
     return torch.matmul(probs, v), probs  # (B, H, T, D), (B, H, T, S)
 
 
-def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, upcast: bool, eager: bool):
+def one_query_runs(q, k, v, dropout: float = 0.0) -> bool:
+    """Whether gpt2kit's one-query kernel (native/attention.c) takes this attention: one query per row
+    (a decode step), on the CPU, float32 or bfloat16 throughout, head_dim a multiple of 16 up to 256, no
+    dropout, no gradient, and the native library built for this CPU (AVX-512 and a C compiler)."""
+    return (q.shape[2] == 1 and dropout == 0.0 and q.device.type == "cpu" and q.dtype in _ONE_QUERY_DTYPES
+            and k.dtype is q.dtype and v.dtype is q.dtype and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and k.stride() == v.stride()
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and native.library() is not None)
+
+
+_ONE_QUERY_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _one_query(q, k, v, key_counts, scaling: float):
+    """q (B, H, 1, D), k/v (B, H, >= max key_counts, D), key_counts (B,) int64: each row's query over its first
+    key_counts[b] keys -> (B, H, 1, D), a view of a (B, 1, H, D) tensor (the layout c_proj reads)."""
+    B, H, _, D = q.shape
+    y = torch.empty(B, 1, H, D, dtype=q.dtype)
+    native.call(native.library().gpt2kit_attend_one_query, q, q.stride(0), q.stride(1), k, v, k.stride(0),
+                k.stride(1), k.stride(2), key_counts, B, H, D, scaling, int(q.dtype is torch.bfloat16), y,
+                y.stride(0), y.stride(2))
+    return y.transpose(1, 2)
+
+
+def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, upcast: bool, eager: bool,
+           key_counts=None):
     """The one attention switch, used by every path: eager (explicit softmax, probabilities returned; the
-    Mistral-style upcast applies here only, as in transformers) or PyTorch's SDPA.
+    Mistral-style upcast applies here only, as in transformers) or PyTorch's SDPA, whose one-query decode
+    steps run gpt2kit's own kernel where it can (key_counts given and one_query_runs; softmax in float32,
+    as SDPA's CPU kernel computes it; within ~1e-6 of it in float32).
 
     q: (B, H, T, D); k, v: (B, H, S, D); mask: None, bool (True = attend) or additive, broadcastable to
-    (B, 1, T, S); is_causal: T queries at the last T of S positions, nothing else hidden."""
+    (B, 1, T, S); is_causal: T queries at the last T of S positions, nothing else hidden; key_counts: (B,)
+    int64, for T == 1, the number of leading keys each row sees (what the mask says, as counts)."""
     T, S = q.shape[-2], k.shape[-2]
+    if key_counts is not None and not eager and one_query_runs(q, k, v, dropout):
+        return _one_query(q, k, v, key_counts, scaling), None
     if eager:
         if mask is None and is_causal:
             mask = causal_additive_mask(T, S, q.dtype, q.device)
@@ -65,6 +97,10 @@ def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, up
 class Attention(nn.Module):
     """Multi-head attention; self-attention with a fused QKV projection, or cross-attention
     (queries from `q_attn`, keys and values from the encoder states through `c_attn`)."""
+
+    # the kernel the latest planned attention (model.decode) ran: "one-query", "sdpa" or "eager"; set through
+    # __dict__, which skips nn.Module.__setattr__'s bookkeeping (12 layers a decode step)
+    last_attention: str | None = None
 
     def __init__(self, config, layer_idx: int, is_cross_attention: bool = False):
         super().__init__()
@@ -143,10 +179,12 @@ class Attention(nn.Module):
             elif is_causal:
                 mask, is_causal = causal_mask(k.shape[-2] - T, T, k.shape[-2], q.device)[-last:][None, None], False
         eager = eager or self.config._attn_implementation == "eager"
-        if plan.groups is not None:  # rows at different lengths (a server's step)
+        counts = plan.key_counts if not eager and one_query_runs(q, k, v, dropout) else None
+        self.__dict__["last_attention"] = "one-query" if counts is not None else "eager" if eager else "sdpa"
+        if plan.groups is not None and counts is None:  # rows at different lengths (a server's step)
             return self._attend_groups(q, k, v, mask, plan.groups, dropout, eager)
         return attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
-                      eager=eager)[0]
+                      eager=eager, key_counts=counts)[0]
 
     def _forward_parts(self, x, cache, parts, final: bool):
         """x (1, N, C): the new tokens of every part, one part after another -> (1, N', C) (N' = N, or in the

@@ -3,7 +3,7 @@
 
 Each holds one matrix in its stored format (formats.py) and picks its kernel by batch size, as measured
 on this CPU (README-quantization.md):
-- up to SMALL_BATCH rows (decode, small batches): the fused kernels of kernels.c, which decode the weights
+- up to SMALL_BATCH rows (decode, small batches): the fused kernels of native/quantized.c, which decode the weights
   in registers and read them once (0.5 byte a weight for 4-bit, 1 for int8);
 - more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
   product is bound by arithmetic, not by reading the weights;
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from . import formats as Q
-from . import native
+from .. import native
 from ..model.linear import apply_activation, in_decode
 
 logger = logging.getLogger("gpt2kit.quantization")
 
-SMALL_BATCH = 16  # rows up to which the fused kernels run (kernels.c MAX_M)
+SMALL_BATCH = 16  # rows up to which the fused kernels run (native/quantized.c MAX_M)
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 

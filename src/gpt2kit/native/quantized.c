@@ -12,7 +12,7 @@
  * Rows are handed out 16 at a time (dynamic schedule; guided for batch 1, whose long runs of consecutive
  * rows prefetch well): on a shared machine a descheduled thread does not hold the others up at the end of
  * the loop.
- * Built at run time by native.py with the system C compiler for this CPU (-march=native); torch's own
+ * Built at run time by native/__init__.py, with attention.c, with the system C compiler for this CPU (-march=native); torch's own
  * OpenMP runtime runs the threads (the soname is already loaded when this library is opened).
  */
 #include <immintrin.h>

@@ -1,9 +1,11 @@
-"""Build and load kernels.c (the fused dequantize-and-multiply kernels) for this CPU, once per machine.
+"""gpt2kit's own CPU kernels, built and loaded for this CPU once per machine: quantized.c (the fused
+dequantize-and-multiply products of quantized projections) and attention.c (one-query attention for decode
+steps), one library.
 
 The library is compiled with the system C compiler (`cc`, or $CC) at first use, for the CPU it runs on
 (-march=native), into ~/.cache/gpt2kit/kernels (or $GPT2KIT_CACHE) under a name that hashes the source,
 the compiler and the CPU's flags; it is called through ctypes (which releases the GIL). Where there is
-no compiler or no AVX-512, `library()` returns None and modules.py uses PyTorch's own kernels instead.
+no compiler or no AVX-512, `library()` returns None and the callers use PyTorch's own kernels instead.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ import torch
 
 from ..cpu import cpu_flags
 
-logger = logging.getLogger("gpt2kit.quantization")
+logger = logging.getLogger("gpt2kit.native")
 
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
+SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("quantized.c", "attention.c")]
 
 
 def _cache_dir() -> str:
@@ -37,15 +39,17 @@ def library():
     if os.environ.get("GPT2KIT_NATIVE_KERNELS", "1") == "0":
         return None
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw"} <= cpu_flags():
-        logger.info("No AVX-512 on this CPU: quantized projections use PyTorch's kernels.")
+        logger.info("No AVX-512 on this CPU: gpt2kit's own kernels are not built; PyTorch's run instead.")
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         logger.warning("No C compiler found: quantized projections use PyTorch's kernels (NF4/FP4 are then slow). "
                        "Install gcc to build gpt2kit's fused 4-bit kernels.")
         return None
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in SOURCES:
+        with open(name, "rb") as f:
+            source += f.read()
     key = hashlib.sha256(source + cc.encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"gpt2kit_kernels_{key}.so")
     if not os.path.exists(path):
@@ -53,14 +57,16 @@ def library():
             _compile(cc, path)
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-            logger.warning("Could not build gpt2kit's quantized kernels (%s); using PyTorch's kernels.", detail)
+            logger.warning("Could not build gpt2kit's native kernels (%s); using PyTorch's kernels.", detail)
             return None
     lib = ctypes.CDLL(path)
     i64, p = ctypes.c_int64, ctypes.c_void_p
     lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64]
     lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64]
-    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm):
+    lib.gpt2kit_attend_one_query.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, i64, ctypes.c_float, i64,
+                                             p, i64, i64]
+    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_attend_one_query):
         fn.restype = ctypes.c_int
     return lib
 
@@ -70,7 +76,7 @@ def _compile(cc: str, path: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", SOURCE, "-o", tmp],
+        subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *SOURCES, "-o", tmp],
                        check=True, capture_output=True)
         os.replace(tmp, path)  # atomic: a concurrent build or reader never sees half a library
     finally:
