@@ -141,16 +141,17 @@ def test_quantized_embeddings_serve_the_lookup_and_the_head(gpt2_small_shaped, q
                          ids=["int8", "nf4-dq", "int4-emb"])
 def test_a_quantized_model_cast_to_bfloat16_keeps_its_format(gpt2_small_shaped, qconfig):
     """model.to(torch.bfloat16) casts the float parts (embeddings, norms, biases); the quantized statistics
-    stay float32, as the kernels read them (before, the cast made every logit NaN, and a bfloat16 bias was
-    passed to the kernel as a freed float32 temporary)."""
+    keep their dtypes (float32), as the kernels read them (before, the
+    cast made every logit NaN, and a bfloat16 bias was passed to the kernel as a freed float32 temporary)."""
     model = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=qconfig)
     ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
+    formats = {name: [t.dtype for t in m.buffers()] for name, m in quantized_modules(model).items()}
     with torch.no_grad():
         want = model(ids).logits
         model.to(torch.bfloat16)
         got = model(ids).logits
-    for m in quantized_modules(model).values():
-        assert all(t.dtype in (torch.float32, torch.uint8, torch.int8) for t in m.buffers())
+    for name, m in quantized_modules(model).items():
+        assert [t.dtype for t in m.buffers()] == formats[name], name  # the format's own dtypes, untouched
         assert m.bias is None or m.bias.dtype is torch.bfloat16
     assert got.dtype is torch.bfloat16 and torch.isfinite(got).all()
     assert (got.float() - want).abs().max().item() < 0.05 * want.abs().max().item()  # a few bf16 roundings
