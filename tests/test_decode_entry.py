@@ -106,6 +106,25 @@ def test_rows_at_different_lengths_decode_in_one_step(attn):
 
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_scattered_slots_at_the_same_length_write_their_own_rows(attn):
+    """rows=[2, 0] (not consecutive, both at 4 positions) beside slot 1 at 6: each writes its own slot."""
+    m = build(FLAGS["defaults"], attn)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=g).tolist() for n in (4, 6, 4)]
+    cache = StaticCache(m.config, max_batch_size=3, max_cache_len=16)
+    for slot, p in enumerate(prompts):
+        m.decode(torch.tensor([p]), cache, rows=torch.tensor([slot]))
+    chunk = [[5, 6], [7, 8]]
+    logits = m.decode(torch.tensor(chunk), cache, rows=torch.tensor([2, 0]), logits_to_keep=0)  # (2, 2, V)
+    for j, slot in enumerate((2, 0)):
+        for t in range(2):
+            assert (logits[j, t] - alone(m, prompts[slot] + chunk[j][: t + 1])).abs().max() <= 1e-5
+    assert cache.lengths == [6, 6, 6]
+    nxt = m.decode(torch.tensor([[9]]), cache, rows=torch.tensor([1]))[0, -1]  # slot 1 untouched by the write
+    assert (nxt - alone(m, prompts[1] + [9])).abs().max() <= 1e-5
+
+
 def test_attention_groups_are_the_cheapest_split_into_runs():
     """The dynamic programme against every split of rows 0..B-1 into runs of consecutive rows."""
     import itertools

@@ -112,3 +112,39 @@ def test_startup_errors_are_one_line(tmp_path):
     r = no_seqs
     assert r.returncode == 2 and "positive integer" in r.stderr
 
+
+
+CLOSING_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_continue_final_message_renders_as_transformers_does():
+    """The last (assistant) message left open, its closing marker cut, as transformers' apply_chat_template
+    (continue_final_message=True) renders it; both flags at once, or a template that rewrites the content,
+    are the request's error."""
+    transformers = pytest.importorskip("transformers")
+    from gpt2kit.serving.chat import ChatTemplate
+    from gpt2kit.serving.protocol import APIError
+
+    messages = MESSAGES + [{"role": "assistant", "content": "Greetings, and well "}]
+    tok = transformers.AutoTokenizer.from_pretrained(str(DEFAULT_MODEL))
+    want = tok.apply_chat_template(messages, chat_template=CLOSING_TEMPLATE, tokenize=False,
+                                   add_generation_prompt=False, continue_final_message=True)
+    got = ChatTemplate(CLOSING_TEMPLATE, "test").render(messages, False, {}, continue_final_message=True)
+    assert got == want and got.endswith("<|assistant|>Greetings, and well ")  # its own trailing space kept
+    with pytest.raises(APIError, match="cannot both be true"):
+        ChatTemplate(CLOSING_TEMPLATE, "test").render(messages, True, {}, continue_final_message=True)
+    with pytest.raises(APIError, match="cannot be continued"):
+        ChatTemplate("{{ messages[-1]['content'][:5] }}", "test").render(messages, False, {},  # cuts it short
+                                                                       continue_final_message=True)
+
+
+def test_continue_final_message_under_a_trimming_template():
+    transformers = pytest.importorskip("transformers")
+    from gpt2kit.serving.chat import ChatTemplate
+
+    messages = MESSAGES + [{"role": "assistant", "content": "Greetings, and well "}]
+    tok = transformers.AutoTokenizer.from_pretrained(str(DEFAULT_MODEL))
+    want = tok.apply_chat_template(messages, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=False,
+                                   continue_final_message=True)
+    assert ChatTemplate(TEMPLATE, "test").render(messages, False, {}, continue_final_message=True) == want

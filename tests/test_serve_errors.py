@@ -86,6 +86,8 @@ CHAT_CASES = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages.0.content", []),
     ({"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404, "model", []),
+    ({"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True}, 400,
+     "continue_final_message", ["add_generation_prompt"]),
 ]
 
 

@@ -197,7 +197,8 @@ def build_app(state: ServerState, ui: bool = True) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             raise APIError("Send exactly one of `prompt` or `messages`.", param="prompt")
         if req.messages is not None:
-            text = state.chat_template.render(message_dicts(req.messages), req.add_generation_prompt, state.special_tokens)
+            text = state.chat_template.render(message_dicts(req.messages), req.add_generation_prompt, state.special_tokens,
+                                              continue_final_message=req.continue_final_message)
         else:
             text = req.prompt
         ids = state.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)

@@ -43,17 +43,39 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.source, self.origin = source, origin
 
-    def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict, extra: dict | None = None) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool, special_tokens: dict, extra: dict | None = None,
+               continue_final_message: bool = False) -> str:
+        """The prompt text. continue_final_message (as transformers and vLLM take it): the text ends with the
+        last message's content, left open for the model to continue (what the template writes after it to
+        close the message is cut)."""
         from jinja2.exceptions import TemplateError
 
+        if continue_final_message and add_generation_prompt:
+            raise APIError("`continue_final_message` and `add_generation_prompt` cannot both be true: the first "
+                           "continues the last message, the second opens a new one. Send add_generation_prompt: "
+                           "false.", param="continue_final_message")
+        if continue_final_message:  # mark where the last content ends (transformers 5 does the same)
+            messages = messages[:-1] + [{**messages[-1], "content": messages[-1]["content"] + _OPEN_END}]
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            text = self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         **special_tokens, **(extra or {}))
         except TemplateError as e:
             raise APIError(f"The chat template ({self.origin}) could not render these messages: {e}", param="messages") from None
         except (TypeError, KeyError, AttributeError, ValueError) as e:
             raise APIError(f"The chat template ({self.origin}) failed on these messages: {type(e).__name__}: {e}",
                            param="messages") from None
+        if continue_final_message:
+            at = text.rfind(_OPEN_END.strip())
+            if at < 0:
+                raise APIError(f"The chat template ({self.origin}) does not write the final message's content as "
+                               "it is, so it cannot be continued; send continue_final_message: false.",
+                               param="continue_final_message")
+            # a template that trims the content trimmed the mark's space too: then trim what it left
+            text = text[:at] if text.startswith(_OPEN_END, at) else text[:at].rstrip()
+        return text
+
+
+_OPEN_END = "GPT2KIT_OPEN_END_OF_MESSAGE "  # appended to the message continue_final_message leaves open
 
 
 def load_chat_template(path: str | None, tokenizer_dir: str | None) -> ChatTemplate:

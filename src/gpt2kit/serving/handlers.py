@@ -260,7 +260,8 @@ async def create_chat_completion(state, req: ChatCompletionRequest, request):
     if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
         raise APIError("`max_tokens` and `max_completion_tokens` disagree; send one of them.", param="max_completion_tokens")
     messages = message_dicts(req.messages)
-    text = state.chat_template.render(messages, req.add_generation_prompt, state.special_tokens, req.chat_template_kwargs)
+    text = state.chat_template.render(messages, req.add_generation_prompt, state.special_tokens, req.chat_template_kwargs,
+                                      req.continue_final_message)
     ids = state.tokenizer.encode(text)
     if not ids:
         raise APIError("The chat template rendered these messages to an empty prompt.", param="messages")
