@@ -179,7 +179,8 @@ class Attention(nn.Module):
             elif is_causal:
                 mask, is_causal = causal_mask(k.shape[-2] - T, T, k.shape[-2], q.device)[-last:][None, None], False
         eager = eager or self.config._attn_implementation == "eager"
-        counts = plan.key_counts if not eager and one_query_runs(q, k, v, dropout) else None
+        one = plan.key_counts is not None and not eager and one_query_runs(q, k, v, dropout)
+        counts = plan.key_counts if one else None
         self.__dict__["last_attention"] = "one-query" if counts is not None else "eager" if eager else "sdpa"
         if plan.groups is not None and counts is None:  # rows at different lengths (a server's step)
             return self._attend_groups(q, k, v, mask, plan.groups, dropout, eager)
