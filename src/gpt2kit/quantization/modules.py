@@ -35,13 +35,15 @@ class QuantizedProjection(nn.Module):
     x2 (M, in) float32 on the CPU, and `dequantize() -> W [out, in]` for everything else."""
 
     mode = ""
+    # which path the last forward took (tests assert the fast path ran); set through __dict__, past
+    # nn.Module.__setattr__ (~3 us, 49 calls a GPT-2 small decode step), as Projection.last_path
+    last_kernel = ""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
-        self.last_kernel = ""  # which path the last forward took (tests assert the fast path ran)
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         # each op skipped on the common path (float32, contiguous, no activation) saves a few us; a GPT-2
@@ -56,7 +58,7 @@ class QuantizedProjection(nn.Module):
             w = self.dequantize().to(dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
             y = torch.nn.functional.linear(x2.to(dtype), w, bias)
-            self.last_kernel = "dequantize"
+            self.__dict__["last_kernel"] = "dequantize"
         if y.dtype is not x.dtype:
             y = y.to(x.dtype)
         if activation is not None:  # a config activation_function; a decode step's tanh GELU is one kernel
@@ -83,7 +85,7 @@ class QuantizedProjection(nn.Module):
         return self
 
     def _bias32(self):
-        b = self.bias
+        b = self._parameters.get("bias")  # the dict itself: nn.Module.__getattr__ costs ~1.5 us a lookup
         return b if b is None or b.dtype is torch.float32 else b.float()
 
     def _dequantized_product(self, x2: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,7 @@ class QuantizedProjection(nn.Module):
             n1 = min(n0 + DEQUANT_ROWS, self.out_features)
             w = self.dequantize_rows(n0, n1)  # (n1 - n0, in) float32
             out[:, n0:n1] = torch.addmm(bias[n0:n1], x2, w.t()) if bias is not None else x2 @ w.t()
-        self.last_kernel = "dequantize+mm"
+        self.__dict__["last_kernel"] = "dequantize+mm"
         return out
 
     def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor:
@@ -153,9 +155,10 @@ class Linear4bit(QuantizedProjection):
         M = x2.shape[0]
         if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
             y = torch.empty(M, self.out_features, dtype=torch.float32)
-            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, self.weight, self.out_features,
-                        self.quant_map, self.absmax, None, self.blocksize, self._bias32(), y, self.out_features)
-            self.last_kernel = "fused-lut4"
+            b = self._buffers
+            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, b["weight"], self.out_features,
+                        b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y, self.out_features)
+            self.__dict__["last_kernel"] = "fused-lut4"
             return y
         return self._dequantized_product(x2)
 
@@ -214,9 +217,10 @@ class LinearInt4(QuantizedProjection):
         M = x2.shape[0]
         if lib is not None and M <= SMALL_BATCH:
             y = torch.empty(M, self.out_features, dtype=torch.float32)
-            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, self.weight, self.out_features,
-                        self.code, self.scales, self.zeros, self.group_size, self._bias32(), y, self.out_features)
-            self.last_kernel = "fused-lut4"
+            b = self._buffers
+            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, b["weight"], self.out_features,
+                        b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y, self.out_features)
+            self.__dict__["last_kernel"] = "fused-lut4"
             return y
         if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
             return self._int4pack_product(x2)
@@ -229,7 +233,7 @@ class LinearInt4(QuantizedProjection):
             self._int4pack = (packed, sz.to(torch.bfloat16))
         packed, sz = self._int4pack
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size, sz).float()
-        self.last_kernel = "aten-int4pack"
+        self.__dict__["last_kernel"] = "aten-int4pack"
         return y + self.bias.float() if self.bias is not None else y
 
 
@@ -263,15 +267,16 @@ class Linear8bit(QuantizedProjection):
         M = x2.shape[0]
         if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
             y = torch.empty(M, self.out_features, dtype=torch.float32)
-            native.call(lib.gpt2kit_int8_mm, x2, M, self.in_features, self.in_features, self.weight, self.out_features,
-                        self.scale, self._bias32(), y, self.out_features)
-            self.last_kernel = "fused-int8"
+            b = self._buffers
+            native.call(lib.gpt2kit_int8_mm, x2, M, self.in_features, self.in_features, b["weight"], self.out_features,
+                        b["scale"], self._bias32(), y, self.out_features)
+            self.__dict__["last_kernel"] = "fused-int8"
             return y
         from ..model import onednn
 
         if onednn.bf16_available():  # AMX / AVX512-BF16: PyTorch's packed int8 kernel on bf16 activations
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
-            self.last_kernel = "aten-int8pack"
+            self.__dict__["last_kernel"] = "aten-int8pack"
             y = y.float()
             return y + self.bias.float() if self.bias is not None else y
         return self._dequantized_product(x2)
