@@ -35,6 +35,16 @@ def test_kernel_equals_attention_over_each_rows_keys(D, dtype):
     assert (got.double() - want).abs().max().item() <= tol
 
 
+@needs_kernel
+def test_a_nan_score_stays_nan_as_under_sdpa():
+    q, k, v = torch.randn(2, 2, 1, 64), torch.randn(2, 2, 9, 64), torch.randn(2, 2, 9, 64)
+    k[1, 0, 3, 5] = float("nan")  # one key of row 1, head 0
+    got = _one_query(q, k, v, torch.tensor([9, 9]), 0.125)
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.125)
+    assert torch.equal(got.isnan(), want.isnan()) and got[1, 0].isnan().all()
+    assert (got[~got.isnan()] - want[~want.isnan()]).abs().max().item() < 1e-6
+
+
 def test_the_kernel_is_not_asked_for_what_it_does_not_take():
     q, k = torch.randn(2, 4, 1, 64), torch.randn(2, 4, 9, 64)
     assert not one_query_runs(q.repeat(1, 1, 2, 1), k, k)  # two queries a row

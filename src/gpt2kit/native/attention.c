@@ -19,7 +19,7 @@
 /* exp(x) for x <= 0: 2^(x log2 e) = 2^i 2^f with i = round(x log2 e), |f| <= 1/2, e^(f ln 2) by its Taylor
  * series to degree 6 (relative error < 3e-7 on that range), 2^i applied by vscalefps */
 static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  /* vmaxps returns its second operand for a NaN: kept */
     const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
     const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, i), _mm512_set1_ps(0.69314718055994531f));
