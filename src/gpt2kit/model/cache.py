@@ -129,9 +129,11 @@ class SlotWrite:
     # rows at different lengths: attention runs per group of consecutive rows (lo, hi, keys read, masked), each
     # reading only up to its longest row instead of every row up to the longest of all (None: one call)
     groups: list | None = None
-    # one new token per row and no key mask: each row's query sees exactly its first key_counts[b] keys,
-    # (B,) int64 on the CPU, what the one-query kernel reads instead of a mask (None otherwise)
+    # one new token per row and no key mask: each row's query sees exactly its first key_counts[b] keys
+    # (its new one last), and slot_ids[b] is its slot: (B,) int64 on the CPU, what decode_attention reads
+    # instead of a mask (None otherwise)
     key_counts: torch.Tensor | None = None
+    slot_ids: torch.Tensor | None = None
 
 
 class StaticCache(Cache):
@@ -232,8 +234,10 @@ class StaticCache(Cache):
             groups = attention_groups([n + T for n in starts], GROUP_CALL_BYTES / row_bytes)
             if len(groups) == 1:
                 groups = None
-        key_counts = torch.tensor([n + 1 for n in starts]) if T == 1 and key_mask is None else None
-        return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups, key_counts)
+        key_counts = slot_ids = None
+        if T == 1 and key_mask is None:
+            key_counts, slot_ids = torch.tensor([n + 1 for n in starts]), torch.tensor(slots[:B])
+        return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups, key_counts, slot_ids)
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, plan: SlotWrite):
         """Store one layer's new keys/values (B, H, T, D) as planned; return what its attention reads:
@@ -264,6 +268,21 @@ class StaticCache(Cache):
             return kb.narrow(2, 0, S), vb.narrow(2, 0, S)  # (B, H, S, D)
         self.gathers += 1
         return kb[rows, :, :S], vb[rows, :, :S]  # gathered (a copy): scattered slots
+
+    def decode_attention(self, layer_idx: int, qkv: torch.Tensor, plan: SlotWrite, scaling: float) -> torch.Tensor:
+        """A decode step's attention for one layer in one kernel call (native/attention.c): each row's new
+        key and value, from its fused projection row qkv (B, 3C) = q | k | v, go into its slot at its next
+        position, then its query attends over its slot's keys. -> (B, C). The caller checked
+        layers.decode_attention_runs (one token per row, no key mask; the cache in qkv's dtype)."""
+        from .. import native
+
+        kb, vb = self.key_cache[layer_idx], self.value_cache[layer_idx]  # (slots, H, len, D)
+        slots, H, L, D = kb.shape
+        B = qkv.shape[0]
+        y = torch.empty(B, H * D, dtype=qkv.dtype)
+        native.call(native.library().gpt2kit_decode_attention, qkv, qkv.stride(0), kb, vb, slots, L, plan.slot_ids,
+                    plan.key_counts, B, H, D, scaling, int(qkv.dtype is torch.bfloat16), y, y.stride(0))
+        return y
 
     def commit(self, plan: SlotWrite) -> None:
         slots = range(len(plan.starts)) if plan.rows is None else plan.rows.tolist()

@@ -43,44 +43,33 @@ def eager_attention(q, k, v, mask, scaling: float, dropout: float, upcast: bool)
     return torch.matmul(probs, v), probs  # (B, H, T, D), (B, H, T, S)
 
 
-def one_query_runs(q, k, v, dropout: float = 0.0) -> bool:
-    """Whether gpt2kit's one-query kernel (native/attention.c) takes this attention: one query per row
-    (a decode step), on the CPU, float32 or bfloat16 throughout, head_dim a multiple of 16 up to 256, no
-    dropout, no gradient, and the native library built for this CPU (AVX-512 and a C compiler)."""
-    return (q.shape[2] == 1 and dropout == 0.0 and q.device.type == "cpu" and q.dtype in _ONE_QUERY_DTYPES
-            and k.dtype is q.dtype and v.dtype is q.dtype and q.shape[-1] % 16 == 0 and q.shape[-1] <= 256
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and k.stride() == v.stride()
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+def decode_attention_runs(qkv, cache, plan, dropout: float, eager: bool) -> bool:
+    """Whether a decode step's attention runs fused in gpt2kit's kernel (native/attention.c, through
+    StaticCache.decode_attention): one new token per row and no key mask (plan.key_counts), SDPA (not eager),
+    on the CPU, the fused qkv and the cache both float32 or both bfloat16, head_dim a multiple of 16 up to 256,
+    no dropout, no gradient, and the native library built for this CPU (AVX-512 and a C compiler)."""
+    if plan.key_counts is None or eager or dropout != 0.0 or qkv.device.type != "cpu":
+        return False
+    kb = cache.key_cache[0]
+    D = kb.shape[-1]
+    return (qkv.dtype in _FUSED_DTYPES and kb.dtype is qkv.dtype and D % 16 == 0 and D <= 256
+            and qkv.stride(-1) == 1 and kb.is_contiguous() and cache.value_cache[0].is_contiguous()
+            and not (torch.is_grad_enabled() and qkv.requires_grad)
             and native.library() is not None)
 
 
-_ONE_QUERY_DTYPES = (torch.float32, torch.bfloat16)
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _one_query(q, k, v, key_counts, scaling: float):
-    """q (B, H, 1, D), k/v (B, H, >= max key_counts, D), key_counts (B,) int64: each row's query over its first
-    key_counts[b] keys -> (B, H, 1, D), a view of a (B, 1, H, D) tensor (the layout c_proj reads)."""
-    B, H, _, D = q.shape
-    y = torch.empty(B, 1, H, D, dtype=q.dtype)
-    native.call(native.library().gpt2kit_attend_one_query, q, q.stride(0), q.stride(1), k, v, k.stride(0),
-                k.stride(1), k.stride(2), key_counts, B, H, D, scaling, int(q.dtype is torch.bfloat16), y,
-                y.stride(0), y.stride(2))
-    return y.transpose(1, 2)
-
-
-def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, upcast: bool, eager: bool,
-           key_counts=None):
+def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, upcast: bool, eager: bool):
     """The one attention switch, used by every path: eager (explicit softmax, probabilities returned; the
-    Mistral-style upcast applies here only, as in transformers) or PyTorch's SDPA, whose one-query decode
-    steps run gpt2kit's own kernel where it can (key_counts given and one_query_runs; softmax in float32,
-    as SDPA's CPU kernel computes it; within ~1e-6 of it in float32).
+    Mistral-style upcast applies here only, as in transformers) or PyTorch's SDPA. (A decode step's one
+    query per row under SDPA runs fused in gpt2kit's kernel where decode_attention_runs says so: softmax in
+    float32 as SDPA's CPU kernel computes it, within ~1e-6 of it in float32.)
 
     q: (B, H, T, D); k, v: (B, H, S, D); mask: None, bool (True = attend) or additive, broadcastable to
-    (B, 1, T, S); is_causal: T queries at the last T of S positions, nothing else hidden; key_counts: (B,)
-    int64, for T == 1, the number of leading keys each row sees (what the mask says, as counts)."""
+    (B, 1, T, S); is_causal: T queries at the last T of S positions, nothing else hidden."""
     T, S = q.shape[-2], k.shape[-2]
-    if key_counts is not None and not eager and one_query_runs(q, k, v, dropout):
-        return _one_query(q, k, v, key_counts, scaling), None
     if eager:
         if mask is None and is_causal:
             mask = causal_additive_mask(T, S, q.dtype, q.device)
@@ -98,7 +87,7 @@ class Attention(nn.Module):
     """Multi-head attention; self-attention with a fused QKV projection, or cross-attention
     (queries from `q_attn`, keys and values from the encoder states through `c_attn`)."""
 
-    # the kernel the latest planned attention (model.decode) ran: "one-query", "sdpa" or "eager"; set through
+    # the kernel the latest planned attention (model.decode) ran: "fused", "sdpa" or "eager"; set through
     # __dict__, which skips nn.Module.__setattr__'s bookkeeping (12 layers a decode step)
     last_attention: str | None = None
 
@@ -147,7 +136,12 @@ class Attention(nn.Module):
             y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
                               eager=eager)
         else:
-            q, k, v = self._qkv(self.c_attn(x), B, T)  # (B, H, T, D) each
+            qkv = self.c_attn(x)  # (B, T, 3C)
+            if plan is not None and decode_attention_runs(qkv, cache, plan, dropout, eager):
+                self.__dict__["last_attention"] = "fused"
+                y = cache.decode_attention(self.layer_idx, qkv.view(B, 3 * C), plan, self.scaling)  # (B, C)
+                return self.c_proj(y.view(B, 1, C)), None  # eval, no dropout (decode_attention_runs)
+            q, k, v = self._qkv(qkv, B, T)  # (B, H, T, D) each
             if plan is not None:
                 y = self._attend_planned(q, k, v, cache, plan, last, dropout, eager)
             else:
@@ -179,24 +173,27 @@ class Attention(nn.Module):
             elif is_causal:
                 mask, is_causal = causal_mask(k.shape[-2] - T, T, k.shape[-2], q.device)[-last:][None, None], False
         eager = eager or self.config._attn_implementation == "eager"
-        one = plan.key_counts is not None and not eager and one_query_runs(q, k, v, dropout)
-        counts = plan.key_counts if one else None
-        self.__dict__["last_attention"] = "one-query" if counts is not None else "eager" if eager else "sdpa"
-        if plan.groups is not None and counts is None:  # rows at different lengths (a server's step)
+        self.__dict__["last_attention"] = "eager" if eager else "sdpa"
+        if plan.groups is not None:  # rows at different lengths (a server's step)
             return self._attend_groups(q, k, v, mask, plan.groups, dropout, eager)
         return attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
-                      eager=eager, key_counts=counts)[0]
+                      eager=eager)[0]
 
     def _forward_parts(self, x, cache, parts, final: bool):
         """x (1, N, C): the new tokens of every part, one part after another -> (1, N', C) (N' = N, or in the
         final block the kept positions). One projection over all N tokens, attention part by part."""
         C = x.shape[-1]
         qkv = self.c_attn(x).view(-1, 3 * C)  # (N, 3C)
+        eager = self.config._attn_implementation == "eager"
         ys, off = [], 0
         for p in parts:
             n = p.B * p.T
-            q, k, v = self._qkv(qkv[off:off + n], p.B, p.T)  # (B_i, H, T_i, D) each
-            off += n
+            rows, off = qkv[off:off + n], off + n  # (B_i * T_i, 3C)
+            if decode_attention_runs(rows, cache, p.plan, 0.0, eager):  # decoding rows: one token each
+                self.__dict__["last_attention"] = "fused"
+                ys.append(cache.decode_attention(self.layer_idx, rows, p.plan, self.scaling))  # (B_i, C)
+                continue
+            q, k, v = self._qkv(rows, p.B, p.T)  # (B_i, H, T_i, D) each
             y = self._attend_planned(q, k, v, cache, p.plan, p.last if final else None)  # (B_i, H, T', D)
             ys.append(y.transpose(1, 2).reshape(-1, C))
         return self.c_proj(torch.cat(ys)[None])  # (1, N', C)

@@ -1,6 +1,6 @@
 """gpt2kit's own CPU kernels, built and loaded for this CPU once per machine: quantized.c (the fused
-dequantize-and-multiply products of quantized projections) and attention.c (one-query attention for decode
-steps), one library.
+dequantize-and-multiply products of quantized projections) and attention.c (a decode step's attention: the new
+keys written, one query per row), one library.
 
 The library is compiled with the system C compiler (`cc`, or $CC) at first use, for the CPU it runs on
 (-march=native), into ~/.cache/gpt2kit/kernels (or $GPT2KIT_CACHE) under a name that hashes the source,
@@ -64,9 +64,9 @@ def library():
     lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64]
     lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
     lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64]
-    lib.gpt2kit_attend_one_query.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, i64, i64, i64, ctypes.c_float, i64,
-                                             p, i64, i64]
-    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_attend_one_query):
+    lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
+                                             i64]
+    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_decode_attention):
         fn.restype = ctypes.c_int
     return lib
 

@@ -1,18 +1,22 @@
-/* gpt2kit's one-query attention for decode steps: per row b and head h, over that row's first n[b] keys,
+/* gpt2kit's attention for decode steps, one layer in one call: per row b, its new key and value are written
+ * into its cache slot, then for each head h, over the slot's first n[b] keys (the new one last),
  *   y[b, h] = softmax(scale * q[b, h] . k[b, h, s]) @ v[b, h, s],   s < n[b],
- * read straight from the cache buffers (strided views), float32 or bfloat16, computed in float32.
+ * float32 or bfloat16, computed in float32.
  *
  * Why not PyTorch's SDPA: for one query its CPU kernel (flash attention, blocked for long query runs) spends
  * more time on its tiling than on the keys; measured on a 2-core Xeon, 12 heads of 64 over S keys:
  * batch 1, S = 64: 20 against 13 us; S = 640: 186 against 86 us; batch 32, S = 640: 9.0 against 4.2 ms.
- * Here each (row, head) is one pass over its keys (scores), one over the scores (exp, sum), one over
- * the values; the rows' lengths need no mask, so rows at different positions share one call.
- * Built with quantized.c into one library (native/__init__.py).
+ * Why the write too: in a decode step each small ATen op runs with caches the weight streams have just
+ * evicted (~25-40 us each where warm they take 3-9 us), and splitting q, k, v, writing k and v and laying
+ * out the output took ~11 of them a layer. Here each (row, head) is one pass over its keys (scores), one
+ * over the scores (exp, sum), one over the values; the rows' lengths need no mask, so rows at different
+ * positions share one call. Built with quantized.c into one library (native/__init__.py).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAX_ND 16 /* head_dim up to 256, in vectors of 16 */
 
@@ -82,19 +86,22 @@ static inline __attribute__((always_inline)) void attend_one(const char *q, cons
     for (int d = 0; d < nd; d++) store16(y + d * 16 * es, _mm512_mul_ps(o[d], inv), bf16);
 }
 
-/* q: (B, H, D) at strides (q_sb, q_sh); k, v: (B, H, >= max n, D) at strides (kv_sb, kv_sh, kv_ss), the last
- * dimension contiguous; n: (B,) keys per row, each >= 1; y: (B, H, D) at strides (y_sb, y_sh). Strides in
- * elements; bf16: every tensor is bfloat16 (else float32). Returns -1 for a shape it does not take. */
-int gpt2kit_attend_one_query(const void *q, int64_t q_sb, int64_t q_sh, const void *k, const void *v,
-                             int64_t kv_sb, int64_t kv_sh, int64_t kv_ss, const int64_t *n, int64_t B, int64_t H,
-                             int64_t D, float scale, int64_t bf16, void *y, int64_t y_sb, int64_t y_sh) {
+/* A decode step's whole attention for one layer: per row b, its new key and value (from its fused qkv row,
+ * q | k | v, each H x D) go into its cache slot at position n[b] - 1, then its query attends over the slot's
+ * first n[b] keys. qkv: (B, 3 H D) rows qkv_sb apart; k, v: the layer's cache buffers (slots, H, len, D),
+ * contiguous; slot: (B,) each row's slot; n: (B,) keys per row after the write, 1 <= n <= len; y: (B, H D)
+ * rows y_sb apart. Strides in elements; bf16: every tensor is bfloat16 (else float32). Each (row, head)
+ * writes and reads only its own slot's rows, so the threads need no ordering. -1: a shape it does not take. */
+int gpt2kit_decode_attention(const void *qkv, int64_t qkv_sb, void *k, void *v, int64_t slots, int64_t len,
+                             const int64_t *slot, const int64_t *n, int64_t B, int64_t H, int64_t D, float scale,
+                             int64_t bf16, void *y, int64_t y_sb) {
     if (D % 16 || D > 16 * MAX_ND || B < 1 || H < 1) return -1;
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) {
-        if (n[b] < 1) return -1;
+        if (n[b] < 1 || n[b] > len || slot[b] < 0 || slot[b] >= slots) return -1;
         longest = n[b] > longest ? n[b] : longest;
     }
-    const int64_t es = bf16 ? 2 : 4;
+    const int64_t es = bf16 ? 2 : 4, C = H * D;
     int failed = 0;
     #pragma omp parallel
     {
@@ -107,12 +114,14 @@ int gpt2kit_attend_one_query(const void *q, int64_t q_sb, int64_t q_sh, const vo
         for (int64_t bh = 0; bh < B * H; bh++) {
             if (p == NULL) continue;
             const int64_t b = bh / H, h = bh % H;
-            const char *qq = (const char *)q + (b * q_sb + h * q_sh) * es;
-            const char *kk = (const char *)k + (b * kv_sb + h * kv_sh) * es;
-            const char *vv = (const char *)v + (b * kv_sb + h * kv_sh) * es;
-            char *yy = (char *)y + (b * y_sb + h * y_sh) * es;
-            if (D == 64) attend_one(qq, kk, vv, kv_ss, n[b], scale, yy, p, (int)bf16, 4);
-            else attend_one(qq, kk, vv, kv_ss, n[b], scale, yy, p, (int)bf16, (int)(D / 16));
+            const char *row = (const char *)qkv + b * qkv_sb * es;
+            const int64_t at = ((slot[b] * H + h) * len) * D * es;  /* the slot's head h, position 0 */
+            char *kk = (char *)k + at, *vv = (char *)v + at;
+            memcpy(kk + (n[b] - 1) * D * es, row + (C + h * D) * es, (size_t)(D * es));
+            memcpy(vv + (n[b] - 1) * D * es, row + (2 * C + h * D) * es, (size_t)(D * es));
+            char *yy = (char *)y + (b * y_sb + h * D) * es;
+            if (D == 64) attend_one(row + h * D * es, kk, vv, D, n[b], scale, yy, p, (int)bf16, 4);
+            else attend_one(row + h * D * es, kk, vv, D, n[b], scale, yy, p, (int)bf16, (int)(D / 16));
         }
         free(p);
     }
