@@ -183,3 +183,54 @@ def test_cli_quantize_flag(gpt2_small_shaped, tmp_path, capsys):
                        (["--quantize-embeddings"], "needs --quantize")):
         code, out, err = run(["generate", "Hello", "--model", str(gpt2_small_shaped)] + argv, capsys)
         assert code != 0 and says in err and "Traceback" not in err
+
+
+FALLBACK = r"""
+import json, sys, torch
+from gpt2kit import AutoModelForCausalLM, BitsAndBytesConfig, StaticCache, TorchAoConfig, native
+assert native.library() is None  # GPT2KIT_NATIVE_KERNELS=0: what a CPU without AVX-512 or a compiler runs
+ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625]])
+out = {}
+for name, q in (("int8", TorchAoConfig("int8_weight_only")), ("int4", TorchAoConfig("int4_weight_only", group_size=32)),
+                ("nf4", BitsAndBytesConfig(load_in_4bit=True))):
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=q)
+    with torch.no_grad():
+        full = m(ids).logits
+        cache = StaticCache(m.config, max_batch_size=1, max_cache_len=16)
+        m.decode(ids[:, :5], cache)
+        step = m.decode(ids[:, 5:], cache)[0, -1]
+    kernels = sorted({x.last_kernel for x in m.modules() if getattr(x, "last_kernel", "")})
+    out[name] = {"full": full[0, -1].tolist(), "step": step.tolist(), "kernels": kernels}
+print(json.dumps(out))
+"""
+
+
+def test_without_the_native_kernels_every_mode_runs_on_pytorchs(gpt2_small_shaped):
+    """A CPU without AVX-512 or a C compiler (forced here by GPT2KIT_NATIVE_KERNELS=0, in a fresh process):
+    int8 / int4 on PyTorch's packed kernels where this CPU has native bf16 (else dequantized products), nf4
+    dequantized per product; the forward and a decode step agree with the native-kernel model in this
+    process within the bf16 activations those packed kernels take."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GPT2KIT_NATIVE_KERNELS": "0"}
+    run = subprocess.run([sys.executable, "-c", FALLBACK, str(gpt2_small_shaped)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    from gpt2kit.model import onednn
+
+    packed = onednn.bf16_available()
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625]])
+    for name, q in (("int8", TorchAoConfig("int8_weight_only")), ("int4", TorchAoConfig("int4_weight_only", group_size=32)),
+                    ("nf4", BitsAndBytesConfig(load_in_4bit=True))):
+        expected = {"int8": "aten-int8pack", "int4": "aten-int4pack"}.get(name) if packed else None
+        assert got[name]["kernels"] == [expected or "dequantize+mm"], name
+        model = AutoModelForCausalLM.from_pretrained(gpt2_small_shaped, quantization_config=q)
+        with torch.no_grad():
+            want = model(ids).logits[0, -1]
+        tol = 4 * want.abs().max().item() / 128 if expected else 1e-4  # bf16 activations, or float32 throughout
+        for key in ("full", "step"):
+            assert (torch.tensor(got[name][key]) - want).abs().max().item() < tol, (name, key)

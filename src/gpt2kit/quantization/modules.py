@@ -16,6 +16,7 @@ are slower on CPUs. Elsewhere the config's compute dtype is used.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -31,8 +32,10 @@ DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
 class QuantizedProjection(nn.Module):
-    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x2) -> y2` for
-    x2 (M, in) float32 on the CPU, and `dequantize() -> W [out, in]` for everything else."""
+    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x, lead) -> y`
+    for x (*lead, in) float32 contiguous on the CPU, y (*lead, out) (the fused kernels read and write those
+    shapes as they are: in a decode step a reshape or view costs ~15 us with caches the weight streams have
+    just evicted), and `dequantize() -> W [out, in]` for everything else."""
 
     mode = ""
     # which path the last forward took (tests assert the fast path ran); set through __dict__, past
@@ -47,23 +50,22 @@ class QuantizedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         # each op skipped on the common path (float32, contiguous, no activation) saves a few us; a GPT-2
-        # small decode step makes 48 of these calls
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if x2.device.type == "cpu":
-            if x2.dtype is not torch.float32:
-                x2 = x2.float()
-            y = self._product(x2.contiguous())  # (M, out) float32, bias added
+        # small decode step makes 49 of these calls
+        lead = x.shape[:-1]
+        if x.device.type == "cpu":
+            xf = x if x.dtype is torch.float32 else x.float()
+            y = self._product(xf.contiguous(), lead)  # (*lead, out) float32, bias added
         else:
             dtype = self.compute_dtype or x.dtype
             w = self.dequantize().to(dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
-            y = torch.nn.functional.linear(x2.to(dtype), w, bias)
+            y = torch.nn.functional.linear(x.to(dtype), w, bias)
             self.__dict__["last_kernel"] = "dequantize"
         if y.dtype is not x.dtype:
             y = y.to(x.dtype)
         if activation is not None:  # a config activation_function; a decode step's tanh GELU is one kernel
             y = apply_activation(y, activation, one_kernel=in_decode())
-        return y.view(*x.shape[:-1], self.out_features)
+        return y
 
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` / `.half()` leave the stored statistics (scales, absmax, zeros, code tables) in
@@ -150,17 +152,17 @@ class Linear4bit(QuantizedProjection):
                     self.blocksize, out)
         return out
 
-    def _product(self, x2):
+    def _product(self, x, lead):
         lib = native.library()
-        M = x2.shape[0]
+        M = math.prod(lead)
         if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
-            y = torch.empty(M, self.out_features, dtype=torch.float32)
+            y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, b["weight"], self.out_features,
+            native.call(lib.gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
                         b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y, self.out_features)
             self.__dict__["last_kernel"] = "fused-lut4"
             return y
-        return self._dequantized_product(x2)
+        return self._dequantized_product(x.view(M, self.in_features)).view(*lead, self.out_features)
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
         """The keys transformers + bitsandbytes save for this module (prefix 'transformer.h.0.attn.c_attn.')."""
@@ -212,19 +214,20 @@ class LinearInt4(QuantizedProjection):
                     self.group_size, out)
         return out
 
-    def _product(self, x2):
+    def _product(self, x, lead):
         lib = native.library()
-        M = x2.shape[0]
+        M = math.prod(lead)
         if lib is not None and M <= SMALL_BATCH:
-            y = torch.empty(M, self.out_features, dtype=torch.float32)
+            y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(lib.gpt2kit_lut4_mm, x2, M, self.in_features, self.in_features, b["weight"], self.out_features,
+            native.call(lib.gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
                         b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y, self.out_features)
             self.__dict__["last_kernel"] = "fused-lut4"
             return y
+        x2 = x.view(M, self.in_features)
         if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
-            return self._int4pack_product(x2)
-        return self._dequantized_product(x2)
+            return self._int4pack_product(x2).view(*lead, self.out_features)
+        return self._dequantized_product(x2).view(*lead, self.out_features)
 
     def _int4pack_product(self, x2):
         if self._int4pack is None:
@@ -262,24 +265,26 @@ class Linear8bit(QuantizedProjection):
         """The dequantized rows `ids` (n,) -> (n, in) float32 (an embedding lookup)."""
         return Q.dequantize_int8_rowwise(self.weight[ids], self.SCB[ids])
 
-    def _product(self, x2):
+    def _product(self, x, lead):
         lib = native.library()
-        M = x2.shape[0]
+        M = math.prod(lead)
         if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
-            y = torch.empty(M, self.out_features, dtype=torch.float32)
+            y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(lib.gpt2kit_int8_mm, x2, M, self.in_features, self.in_features, b["weight"], self.out_features,
+            native.call(lib.gpt2kit_int8_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
                         b["scale"], self._bias32(), y, self.out_features)
             self.__dict__["last_kernel"] = "fused-int8"
             return y
         from ..model import onednn
 
+        x2 = x.view(M, self.in_features)
         if onednn.bf16_available():  # AMX / AVX512-BF16: PyTorch's packed int8 kernel on bf16 activations
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
             self.__dict__["last_kernel"] = "aten-int8pack"
             y = y.float()
-            return y + self.bias.float() if self.bias is not None else y
-        return self._dequantized_product(x2)
+            y = y + self.bias.float() if self.bias is not None else y
+            return y.view(*lead, self.out_features)
+        return self._dequantized_product(x2).view(*lead, self.out_features)
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {prefix + "weight": self.weight, prefix + "SCB": self.SCB,
