@@ -271,15 +271,15 @@ class StaticCache(Cache):
 
     def decode_attention(self, layer_idx: int, qkv: torch.Tensor, plan: SlotWrite, scaling: float) -> torch.Tensor:
         """A decode step's attention for one layer in one kernel call (native/attention.c): each row's new
-        key and value, from its fused projection row qkv (B, 3C) = q | k | v, go into its slot at its next
-        position, then its query attends over its slot's keys. -> (B, C). The caller checked
-        layers.decode_attention_runs (one token per row, no key mask; the cache in qkv's dtype)."""
+        key and value, from its fused projection row qkv (B, 3C) or (B, 1, 3C) = q | k | v, go into its slot
+        at its next position, then its query attends over its slot's keys. -> (B, C) or (B, 1, C). The caller
+        checked layers.decode_attention_runs (one token per row, no key mask; the cache in qkv's dtype)."""
         from .. import native
 
         kb, vb = self.key_cache[layer_idx], self.value_cache[layer_idx]  # (slots, H, len, D)
         slots, H, L, D = kb.shape
         B = qkv.shape[0]
-        y = torch.empty(B, H * D, dtype=qkv.dtype)
+        y = torch.empty(*qkv.shape[:-1], H * D, dtype=qkv.dtype)
         native.call(native.library().gpt2kit_decode_attention, qkv, qkv.stride(0), kb, vb, slots, L, plan.slot_ids,
                     plan.key_counts, B, H, D, scaling, int(qkv.dtype is torch.bfloat16), y, y.stride(0))
         return y

@@ -119,12 +119,14 @@ class Attention(nn.Module):
 
     def forward(self, x, *, cache: Cache | None = None, cache_position=None, mask=None, is_causal=False,
                 encoder_hidden_states=None, output_attentions=False, plan: SlotWrite | None = None,
-                last: int | None = None, parts=None, final: bool = False):
+                last: int | None = None, parts=None, final: bool = False, residual=None):
         """x: (B, T, C). With `plan` (model.decode), keys/values go into a StaticCache as planned and the mask
         comes from the plan; `last`: only the last `last` queries are computed (keys and values for all T).
-        With `parts` (decode_parts), x is (1, N, C): the tokens of several groups of rows, one after another."""
+        With `parts` (decode_parts), x is (1, N, C): the tokens of several groups of rows, one after another.
+        residual: the block's residual stream at the output's positions, added to the output (by the output
+        projection itself, which a quantized one fuses into its kernel)."""
         if parts is not None:
-            return self._forward_parts(x, cache, parts, final), None
+            return self._forward_parts(x, cache, parts, final, residual), None
         B, T, C = x.shape
         dropout = self.attn_dropout.p if self.training else 0.0
         eager = output_attentions or self.config._attn_implementation == "eager"
@@ -139,8 +141,8 @@ class Attention(nn.Module):
             qkv = self.c_attn(x)  # (B, T, 3C)
             if plan is not None and decode_attention_runs(qkv, cache, plan, dropout, eager):
                 self.__dict__["last_attention"] = "fused"
-                y = cache.decode_attention(self.layer_idx, qkv.view(B, 3 * C), plan, self.scaling)  # (B, C)
-                return self.c_proj(y.view(B, 1, C)), None  # eval, no dropout (decode_attention_runs)
+                y = cache.decode_attention(self.layer_idx, qkv, plan, self.scaling)  # (B, 1, C)
+                return self.c_proj(y, residual=residual), None  # eval, no dropout (decode_attention_runs)
             q, k, v = self._qkv(qkv, B, T)  # (B, H, T, D) each
             if plan is not None:
                 y = self._attend_planned(q, k, v, cache, plan, last, dropout, eager)
@@ -150,10 +152,14 @@ class Attention(nn.Module):
                 y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout,
                                   upcast=self.upcast, eager=eager)
         y = y.transpose(1, 2).reshape(B, y.shape[2], C)  # (B, T or last, C)
-        y = self.c_proj(y)
+        return self._output(y, residual), probs
+
+    def _output(self, y, residual):
+        """c_proj(y) (+ residual); dropout (training only) before the residual add."""
         if self.training:  # dropout is the identity in eval: not even a module call (decode steps count them)
-            y = self.resid_dropout(y)
-        return y, probs
+            y = self.resid_dropout(self.c_proj(y))
+            return y if residual is None else y + residual
+        return self.c_proj(y, residual=residual)
 
     def _qkv(self, qkv, B: int, T: int):
         """(B*T tokens, 3C) fused projection -> q, k, v (B, H, T, D): the strides of split + per-head view +
@@ -179,7 +185,7 @@ class Attention(nn.Module):
         return attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
                       eager=eager)[0]
 
-    def _forward_parts(self, x, cache, parts, final: bool):
+    def _forward_parts(self, x, cache, parts, final: bool, residual=None):
         """x (1, N, C): the new tokens of every part, one part after another -> (1, N', C) (N' = N, or in the
         final block the kept positions). One projection over all N tokens, attention part by part."""
         C = x.shape[-1]
@@ -196,7 +202,7 @@ class Attention(nn.Module):
             q, k, v = self._qkv(rows, p.B, p.T)  # (B_i, H, T_i, D) each
             y = self._attend_planned(q, k, v, cache, p.plan, p.last if final else None)  # (B_i, H, T', D)
             ys.append(y.transpose(1, 2).reshape(-1, C))
-        return self.c_proj(torch.cat(ys)[None])  # (1, N', C)
+        return self._output(torch.cat(ys)[None], residual)  # (1, N', C)
 
     def _attend_groups(self, q, k, v, mask, groups, dropout, eager):
         """q: (B, H, T, D), k/v: (B, H, S, D), mask (B, 1, T, S): one attention call per run of rows (lo, hi,
@@ -244,10 +250,12 @@ class MLP(nn.Module):
         self.activation = config.activation_function
         self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x):  # (B, T, C) -> (B, T, C)
+    def forward(self, x, residual=None):  # (B, T, C) -> (B, T, C) (+ residual)
         h = self.c_fc(x, self.activation)  # (B, T, inner): the activation fused into the GEMM where it pays
-        y = self.c_proj(h)
-        return self.dropout(y) if self.training else y
+        if self.training:
+            y = self.dropout(self.c_proj(h))
+            return y if residual is None else y + residual
+        return self.c_proj(h, residual=residual)  # the residual add inside the projection (fused where quantized)
 
 
 class Block(nn.Module):
@@ -268,15 +276,15 @@ class Block(nn.Module):
                 parts=None, final=False):
         """`last`: the final block of model.decode computes only the last `last` positions (decode_parts: the
         flat indices of the kept positions, or None)."""
-        a, probs = self.attn(self.ln_1(x), cache=cache, cache_position=cache_position, mask=mask,
-                             is_causal=is_causal, output_attentions=output_attentions, plan=plan, last=last,
-                             parts=parts, final=final)
+        h = self.ln_1(x)
         if parts is not None:
             if last is not None:
                 x = x[:, last]  # (1, N', C): the kept positions of every part
         elif last is not None and last < x.shape[1]:
             x = x[:, -last:]  # only the last positions go on (model.decode's final block)
-        x = x + a
+        x, probs = self.attn(h, cache=cache, cache_position=cache_position, mask=mask, is_causal=is_causal,
+                             output_attentions=output_attentions, plan=plan, last=last, parts=parts, final=final,
+                             residual=x)  # x + attention
         cross_probs = None
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
@@ -286,5 +294,5 @@ class Block(nn.Module):
                                                  encoder_hidden_states=encoder_hidden_states,
                                                  output_attentions=output_attentions)
             x = x + c
-        x = x + self.mlp(self.ln_2(x))
+        x = self.mlp(self.ln_2(x), residual=x)  # x + mlp
         return x, probs, cross_probs

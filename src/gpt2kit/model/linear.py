@@ -222,9 +222,13 @@ class _PolicyLinear:
         """The packed copy this module holds now (None: none), and the row count it is laid out for."""
         return (None, None) if self._pack is None else (self._pack[5], self._pack[3])
 
-    def _run(self, x: torch.Tensor, activation: str | None = None, path: str | None = None) -> torch.Tensor:
-        """(..., in) -> (..., out) along `path` (default: the policy's choice for this call). oneDNN's linear
-        takes any leading dimensions itself, so the decode paths run no reshapes around it."""
+    def _run(self, x: torch.Tensor, activation: str | None = None, path: str | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., in) -> (..., out) along `path` (default: the policy's choice for this call), plus `residual`
+        where given (a block's residual add: a quantized projection fuses it into its kernel). oneDNN's
+        linear takes any leading dimensions itself, so the decode paths run no reshapes around it."""
+        if residual is not None:
+            return self._run(x, activation, path) + residual
         params = self._parameters  # not through nn.Module.__getattr__: this runs 49 times a GPT-2 small step
         w = params["weight"]
         path = path or choose_path(x, w)

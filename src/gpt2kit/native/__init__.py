@@ -26,6 +26,7 @@ from ..cpu import cpu_flags
 logger = logging.getLogger("gpt2kit.native")
 
 SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("quantized.c", "attention.c")]
+HEADERS = [os.path.join(os.path.dirname(__file__), "vecmath.h")]  # part of the source hash
 
 
 def _cache_dir() -> str:
@@ -47,7 +48,7 @@ def library():
                        "Install gcc to build gpt2kit's fused 4-bit kernels.")
         return None
     source = b""
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         with open(name, "rb") as f:
             source += f.read()
     key = hashlib.sha256(source + cc.encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
@@ -61,9 +62,9 @@ def library():
             return None
     lib = ctypes.CDLL(path)
     i64, p = ctypes.c_int64, ctypes.c_void_p
-    lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64]
+    lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, i64, p]
     lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p]
-    lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64]
+    lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, i64, p]
     lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
                                              i64]
     for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_decode_attention):

@@ -18,24 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ND 16 /* head_dim up to 256, in vectors of 16 */
+#include "vecmath.h"
 
-/* exp(x) for x <= 0: 2^(x log2 e) = 2^i 2^f with i = round(x log2 e), |f| <= 1/2, e^(f ln 2) by its Taylor
- * series to degree 6 (relative error < 3e-7 on that range), 2^i applied by vscalefps */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  /* vmaxps returns its second operand for a NaN: kept */
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, i), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, i);
-}
+#define MAX_ND 16 /* head_dim up to 256, in vectors of 16 */
 
 static inline __m512 load16(const void *p, int bf16) {
     if (!bf16) return _mm512_loadu_ps((const float *)p);
@@ -73,7 +58,7 @@ static inline __attribute__((always_inline)) void attend_one(const char *q, cons
     __m512 sum = _mm512_setzero_ps();
     for (int64_t s = 0; s < n; s += 16) {
         const __mmask16 live = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + s), mv)));
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + s), mv)));
         _mm512_mask_storeu_ps(p + s, live, e);
         sum = _mm512_add_ps(sum, e);
     }

@@ -12,6 +12,8 @@
  * Rows are handed out 16 at a time (dynamic schedule; guided for batch 1, whose long runs of consecutive
  * rows prefetch well): on a shared machine a descheduled thread does not hold the others up at the end of
  * the loop.
+ * An epilogue applies the tanh GELU and / or adds the residual where the block asks (one call instead of three
+ * small ops, each slow with the caches the weight stream has just evicted).
  * Built at run time by native/__init__.py, with attention.c, with the system C compiler for this CPU (-march=native); torch's own
  * OpenMP runtime runs the threads (the soname is already loaded when this library is opened).
  */
@@ -20,12 +22,28 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vecmath.h"
+
 #define MAX_M 16
 /* Batch-1 kernels: how far ahead (in groups of four output rows) the rows are prefetched. A GPT-2 row is
  * only 384-3072 bytes, too short a stream for the hardware prefetcher to ramp up on four rows read side by
  * side: GPT-2 small's 49 int8 matrices (cold, 2 Xeon threads) took 12.5-17.2 ms without, 7.4-10.1 ms with
  * 8 groups ahead and a guided schedule (contiguous runs of rows per thread); int4 11.4-13.3 -> 7.9-8.4 ms */
 #define PREFETCH_GROUPS 8
+
+/* After a product: y (M, N, rows ldy apart) = act(y) + residual (residual (M, N), rows ldy apart, or NULL);
+ * act 1: the tanh GELU. What the block would otherwise run as two more small ops a projection. */
+static void epilogue(float *y, int64_t M, int64_t N, int64_t ldy, int64_t act, const float *residual) {
+    if (!act && !residual) return;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n += 16) {
+            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(live, y + m * ldy + n);
+            if (act) v = gelu_tanh512(v);
+            if (residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(live, residual + m * ldy + n));
+            _mm512_mask_storeu_ps(y + m * ldy + n, live, v);
+        }
+}
 
 /* x (M, K) -> its even and odd columns, so a byte's high/low nibbles meet their inputs lane by lane */
 static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx) {
@@ -103,7 +121,7 @@ static inline void lut4_rows4_m1(const float *xs, int64_t K, const uint8_t *w, c
 
 int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
                     const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
-                    float *y, int64_t ldy) {
+                    float *y, int64_t ldy, int64_t act, const float *residual) {
     if (M < 1 || M > MAX_M || K % bs || bs % 32 || N < 1) return -1;
     float *xs = deinterleave(x, M, K, ldx);
     const __m512 table0 = _mm512_loadu_ps(code);
@@ -115,6 +133,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
         for (int64_t n = N4; n < N; n++)
             lut4_row(xs, K, w + n * half, table0, scale, zero, n * blocks, bs, bias ? bias[n] : 0.0f, y + n, ldy, 1);
         free(xs);
+        epilogue(y, M, N, ldy, act, residual);
         return 0;
     }
     #pragma omp parallel for schedule(dynamic, 16)
@@ -133,6 +152,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
         }
     }
     free(xs);
+    epilogue(y, M, N, ldy, act, residual);
     return 0;
 }
 
@@ -210,13 +230,14 @@ static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, con
 }
 
 int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, int64_t N,
-                    const float *scale, const float *bias, float *y, int64_t ldy) {
+                    const float *scale, const float *bias, float *y, int64_t ldy, int64_t act, const float *residual) {
     if (M < 1 || M > MAX_M || K % 32 || N < 1) return -1;
     if (M == 1) {
         const int64_t N4 = N / 4 * 4;
         #pragma omp parallel for schedule(guided, 4)
         for (int64_t n = 0; n < N4; n += 4) int8_rows4_m1(x, K, w, scale, bias, n, y);
         for (int64_t n = N4; n < N; n++) int8_row(x, ldx, K, w + n * K, scale[n], bias ? bias[n] : 0.0f, y + n, ldy, 1);
+        epilogue(y, M, N, ldy, act, residual);
         return 0;
     }
     #pragma omp parallel for schedule(dynamic, 16)
@@ -234,5 +255,6 @@ int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int
             }
         }
     }
+    epilogue(y, M, N, ldy, act, residual);
     return 0;
 }

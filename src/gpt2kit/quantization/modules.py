@@ -23,7 +23,7 @@ from torch import nn
 
 from . import formats as Q
 from .. import native
-from ..model.linear import apply_activation, in_decode
+from ..model.linear import TANH_GELUS, apply_activation, in_decode
 
 logger = logging.getLogger("gpt2kit.quantization")
 
@@ -32,8 +32,9 @@ DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
 class QuantizedProjection(nn.Module):
-    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x, lead) -> y`
-    for x (*lead, in) float32 contiguous on the CPU, y (*lead, out) (the fused kernels read and write those
+    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x, lead, act, res)
+    -> (y, fused)` for x (*lead, in) float32 contiguous on the CPU, y (*lead, out), fused: whether the kernel
+    applied act (1: tanh GELU) and added res itself (the fused kernels read and write those
     shapes as they are: in a decode step a reshape or view costs ~15 us with caches the weight streams have
     just evicted), and `dequantize() -> W [out, in]` for everything else."""
 
@@ -41,6 +42,7 @@ class QuantizedProjection(nn.Module):
     # which path the last forward took (tests assert the fast path ran); set through __dict__, past
     # nn.Module.__setattr__ (~3 us, 49 calls a GPT-2 small decode step), as Projection.last_path
     last_kernel = ""
+    last_epilogue = ""  # what the last fused kernel call applied after its product: "gelu", "+residual"
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype=None):
         super().__init__()
@@ -48,13 +50,24 @@ class QuantizedProjection(nn.Module):
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
 
-    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
+        """act(x @ W^T + b) (+ residual): a block's residual add, where the caller passes it, is done here, and
+        in a decode step the fused kernels apply the tanh GELU and the residual in their epilogue (each of
+        those small ops costs ~25-45 us with the caches the weight stream has just evicted)."""
         # each op skipped on the common path (float32, contiguous, no activation) saves a few us; a GPT-2
         # small decode step makes 49 of these calls
         lead = x.shape[:-1]
         if x.device.type == "cpu":
-            xf = x if x.dtype is torch.float32 else x.float()
-            y = self._product(xf.contiguous(), lead)  # (*lead, out) float32, bias added
+            f32 = x.dtype is torch.float32
+            xf = x if f32 else x.float()
+            act = 1 if activation in TANH_GELUS and in_decode() else 0
+            res = residual if (residual is not None and f32 and residual.dtype is torch.float32
+                               and residual.is_contiguous() and residual.shape == (*lead, self.out_features)) else None
+            y, fused = self._product(xf.contiguous(), lead, act, res)  # (*lead, out) float32, bias added
+            if fused:  # the kernel's epilogue did what it was asked
+                activation = None if act else activation
+                residual = None if res is not None else residual
+                self.__dict__["last_epilogue"] = ("gelu" if act else "") + ("+residual" if res is not None else "")
         else:
             dtype = self.compute_dtype or x.dtype
             w = self.dequantize().to(dtype)
@@ -65,7 +78,7 @@ class QuantizedProjection(nn.Module):
             y = y.to(x.dtype)
         if activation is not None:  # a config activation_function; a decode step's tanh GELU is one kernel
             y = apply_activation(y, activation, one_kernel=in_decode())
-        return y
+        return y if residual is None else y + residual
 
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` / `.half()` leave the stored statistics (scales, absmax, zeros, code tables) in
@@ -152,17 +165,17 @@ class Linear4bit(QuantizedProjection):
                     self.blocksize, out)
         return out
 
-    def _product(self, x, lead):
+    def _product(self, x, lead, act=0, res=None):
         lib = native.library()
         M = math.prod(lead)
         if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
             native.call(lib.gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
-                        b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y, self.out_features)
+                        b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y, self.out_features, act, res)
             self.__dict__["last_kernel"] = "fused-lut4"
-            return y
-        return self._dequantized_product(x.view(M, self.in_features)).view(*lead, self.out_features)
+            return y, True
+        return self._dequantized_product(x.view(M, self.in_features)).view(*lead, self.out_features), False
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
         """The keys transformers + bitsandbytes save for this module (prefix 'transformer.h.0.attn.c_attn.')."""
@@ -214,20 +227,20 @@ class LinearInt4(QuantizedProjection):
                     self.group_size, out)
         return out
 
-    def _product(self, x, lead):
+    def _product(self, x, lead, act=0, res=None):
         lib = native.library()
         M = math.prod(lead)
         if lib is not None and M <= SMALL_BATCH:
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
             native.call(lib.gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
-                        b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y, self.out_features)
+                        b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y, self.out_features, act, res)
             self.__dict__["last_kernel"] = "fused-lut4"
-            return y
+            return y, True
         x2 = x.view(M, self.in_features)
         if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
-            return self._int4pack_product(x2).view(*lead, self.out_features)
-        return self._dequantized_product(x2).view(*lead, self.out_features)
+            return self._int4pack_product(x2).view(*lead, self.out_features), False
+        return self._dequantized_product(x2).view(*lead, self.out_features), False
 
     def _int4pack_product(self, x2):
         if self._int4pack is None:
@@ -265,16 +278,16 @@ class Linear8bit(QuantizedProjection):
         """The dequantized rows `ids` (n,) -> (n, in) float32 (an embedding lookup)."""
         return Q.dequantize_int8_rowwise(self.weight[ids], self.SCB[ids])
 
-    def _product(self, x, lead):
+    def _product(self, x, lead, act=0, res=None):
         lib = native.library()
         M = math.prod(lead)
         if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
             native.call(lib.gpt2kit_int8_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
-                        b["scale"], self._bias32(), y, self.out_features)
+                        b["scale"], self._bias32(), y, self.out_features, act, res)
             self.__dict__["last_kernel"] = "fused-int8"
-            return y
+            return y, True
         from ..model import onednn
 
         x2 = x.view(M, self.in_features)
@@ -283,8 +296,8 @@ class Linear8bit(QuantizedProjection):
             self.__dict__["last_kernel"] = "aten-int8pack"
             y = y.float()
             y = y + self.bias.float() if self.bias is not None else y
-            return y.view(*lead, self.out_features)
-        return self._dequantized_product(x2).view(*lead, self.out_features)
+            return y.view(*lead, self.out_features), False
+        return self._dequantized_product(x2).view(*lead, self.out_features), False
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {prefix + "weight": self.weight, prefix + "SCB": self.SCB,
