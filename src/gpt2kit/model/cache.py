@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from .. import native
 from ..errors import ContextLengthError, InvalidInputError
 
 
@@ -136,6 +137,9 @@ class SlotWrite:
     slot_ids: torch.Tensor | None = None
 
 
+_DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class StaticCache(Cache):
     """Preallocated keys and values for `max_batch_size` slots ("rows") of `max_cache_len` positions.
 
@@ -227,16 +231,16 @@ class StaticCache(Cache):
             if key_mask is not None:
                 mask = mask & _as_bool(key_mask, S)[:, None, :]
             mask = mask[:, None]  # (B, 1, T, S)
-        groups = None
-        if not uniform and span is not None:
+        key_counts = slot_ids = None
+        if T == 1 and key_mask is None:
+            key_counts, slot_ids = torch.tensor([n + 1 for n in starts]), torch.tensor(slots[:B])
+        groups = None  # (the fused decode kernel reads each row's own keys: no runs to choose, ~250 us for 32 rows)
+        if not uniform and span is not None and not (key_counts is not None and self.decode_kernel_fits()):
             kb = self.key_cache[0]
             row_bytes = 2 * kb.shape[1] * kb.shape[3] * kb.element_size()  # keys + values of one position
             groups = attention_groups([n + T for n in starts], GROUP_CALL_BYTES / row_bytes)
             if len(groups) == 1:
                 groups = None
-        key_counts = slot_ids = None
-        if T == 1 and key_mask is None:
-            key_counts, slot_ids = torch.tensor([n + 1 for n in starts]), torch.tensor(slots[:B])
         return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups, key_counts, slot_ids)
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, plan: SlotWrite):
@@ -269,13 +273,20 @@ class StaticCache(Cache):
         self.gathers += 1
         return kb[rows, :, :S], vb[rows, :, :S]  # gathered (a copy): scattered slots
 
+    def decode_kernel_fits(self) -> bool:
+        """Whether decode_attention's kernel takes this cache: on the CPU, float32 or bfloat16, head_dim a
+        multiple of 16 up to 256, contiguous buffers, and the native library built for this CPU (AVX-512 and
+        a C compiler)."""
+        kb, vb = self.key_cache[0], self.value_cache[0]
+        D = kb.shape[-1]
+        return (kb.device.type == "cpu" and kb.dtype in _DECODE_KERNEL_DTYPES and D % 16 == 0 and D <= 256
+                and kb.is_contiguous() and vb.is_contiguous() and native.library() is not None)
+
     def decode_attention(self, layer_idx: int, qkv: torch.Tensor, plan: SlotWrite, scaling: float) -> torch.Tensor:
         """A decode step's attention for one layer in one kernel call (native/attention.c): each row's new
         key and value, from its fused projection row qkv (B, 3C) or (B, 1, 3C) = q | k | v, go into its slot
         at its next position, then its query attends over its slot's keys. -> (B, C) or (B, 1, C). The caller
         checked layers.decode_attention_runs (one token per row, no key mask; the cache in qkv's dtype)."""
-        from .. import native
-
         kb, vb = self.key_cache[layer_idx], self.value_cache[layer_idx]  # (slots, H, len, D)
         slots, H, L, D = kb.shape
         B = qkv.shape[0]

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache, SlotWrite, causal_mask
-from .. import native
 from .linear import ACTIVATIONS, Projection, check_activation  # noqa: F401 - ACTIVATIONS re-exported
 from ..errors import InvalidInputError
 
@@ -46,19 +45,13 @@ def eager_attention(q, k, v, mask, scaling: float, dropout: float, upcast: bool)
 def decode_attention_runs(qkv, cache, plan, dropout: float, eager: bool) -> bool:
     """Whether a decode step's attention runs fused in gpt2kit's kernel (native/attention.c, through
     StaticCache.decode_attention): one new token per row and no key mask (plan.key_counts), SDPA (not eager),
-    on the CPU, the fused qkv and the cache both float32 or both bfloat16, head_dim a multiple of 16 up to 256,
-    no dropout, no gradient, and the native library built for this CPU (AVX-512 and a C compiler)."""
-    if plan.key_counts is None or eager or dropout != 0.0 or qkv.device.type != "cpu":
+    no dropout, no gradient, the fused qkv in the cache's dtype, and a cache the kernel takes
+    (StaticCache.decode_kernel_fits: CPU, float32 or bfloat16, head_dim a multiple of 16 up to 256, the
+    native library built for this CPU)."""
+    if plan.key_counts is None or eager or dropout != 0.0:
         return False
-    kb = cache.key_cache[0]
-    D = kb.shape[-1]
-    return (qkv.dtype in _FUSED_DTYPES and kb.dtype is qkv.dtype and D % 16 == 0 and D <= 256
-            and qkv.stride(-1) == 1 and kb.is_contiguous() and cache.value_cache[0].is_contiguous()
-            and not (torch.is_grad_enabled() and qkv.requires_grad)
-            and native.library() is not None)
-
-
-_FUSED_DTYPES = (torch.float32, torch.bfloat16)
+    return (qkv.dtype is cache.key_cache[0].dtype and qkv.stride(-1) == 1 and cache.decode_kernel_fits()
+            and not (torch.is_grad_enabled() and qkv.requires_grad))
 
 
 def attend(q, k, v, mask, is_causal: bool, *, scaling: float, dropout: float, upcast: bool, eager: bool):
@@ -155,11 +148,7 @@ class Attention(nn.Module):
         return self._output(y, residual), probs
 
     def _output(self, y, residual):
-        """c_proj(y) (+ residual); dropout (training only) before the residual add."""
-        if self.training:  # dropout is the identity in eval: not even a module call (decode steps count them)
-            y = self.resid_dropout(self.c_proj(y))
-            return y if residual is None else y + residual
-        return self.c_proj(y, residual=residual)
+        return project_out(self.c_proj, self.resid_dropout, y, residual, self.training)
 
     def _qkv(self, qkv, B: int, T: int):
         """(B*T tokens, 3C) fused projection -> q, k, v (B, H, T, D): the strides of split + per-head view +
@@ -241,6 +230,16 @@ class LayerNorm(nn.LayerNorm):
         return torch.layer_norm(x, self.normalized_shape, p["weight"], p["bias"], self.eps)
 
 
+def project_out(proj, dropout, y, residual, training: bool):
+    """A sublayer's output projection, proj(y) (+ residual): in eval the residual add is the projection's own
+    (a quantized one fuses it into its kernel); in training dropout comes before it. Dropout is the identity
+    in eval: not even a module call (decode steps count them)."""
+    if training:
+        y = dropout(proj(y))
+        return y if residual is None else y + residual
+    return proj(y, residual=residual)
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -252,10 +251,7 @@ class MLP(nn.Module):
 
     def forward(self, x, residual=None):  # (B, T, C) -> (B, T, C) (+ residual)
         h = self.c_fc(x, self.activation)  # (B, T, inner): the activation fused into the GEMM where it pays
-        if self.training:
-            y = self.dropout(self.c_proj(h))
-            return y if residual is None else y + residual
-        return self.c_proj(h, residual=residual)  # the residual add inside the projection (fused where quantized)
+        return project_out(self.c_proj, self.dropout, h, residual, self.training)
 
 
 class Block(nn.Module):

@@ -33,8 +33,8 @@ DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 class QuantizedProjection(nn.Module):
     """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x, lead, act, res)
-    -> (y, fused)` for x (*lead, in) float32 contiguous on the CPU, y (*lead, out), fused: whether the kernel
-    applied act (1: tanh GELU) and added res itself (the fused kernels read and write those
+    -> (y, fused)` for x (*lead, in) float32 contiguous on the CPU: fused, y (*lead, out) from a fused kernel
+    that applied act (1: tanh GELU) and added res itself; else y (M, out) (the fused kernels read and write those
     shapes as they are: in a decode step a reshape or view costs ~15 us with caches the weight streams have
     just evicted), and `dequantize() -> W [out, in]` for everything else."""
 
@@ -63,8 +63,10 @@ class QuantizedProjection(nn.Module):
             act = 1 if activation in TANH_GELUS and in_decode() else 0
             res = residual if (residual is not None and f32 and residual.dtype is torch.float32
                                and residual.is_contiguous() and residual.shape == (*lead, self.out_features)) else None
-            y, fused = self._product(xf.contiguous(), lead, act, res)  # (*lead, out) float32, bias added
-            if fused:  # the kernel's epilogue did what it was asked
+            y, fused = self._product(xf.contiguous(), lead, act, res)  # float32, bias added
+            if not fused:  # the fallbacks compute (M, out)
+                y = y.view(*lead, self.out_features)
+            else:  # the kernel's epilogue did what it was asked
                 activation = None if act else activation
                 residual = None if res is not None else residual
                 self.__dict__["last_epilogue"] = ("gelu" if act else "") + ("+residual" if res is not None else "")
@@ -175,7 +177,7 @@ class Linear4bit(QuantizedProjection):
                         b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y, self.out_features, act, res)
             self.__dict__["last_kernel"] = "fused-lut4"
             return y, True
-        return self._dequantized_product(x.view(M, self.in_features)).view(*lead, self.out_features), False
+        return self._dequantized_product(x.view(M, self.in_features)), False
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
         """The keys transformers + bitsandbytes save for this module (prefix 'transformer.h.0.attn.c_attn.')."""
@@ -239,8 +241,8 @@ class LinearInt4(QuantizedProjection):
             return y, True
         x2 = x.view(M, self.in_features)
         if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
-            return self._int4pack_product(x2).view(*lead, self.out_features), False
-        return self._dequantized_product(x2).view(*lead, self.out_features), False
+            return self._int4pack_product(x2), False
+        return self._dequantized_product(x2), False
 
     def _int4pack_product(self, x2):
         if self._int4pack is None:
@@ -295,9 +297,8 @@ class Linear8bit(QuantizedProjection):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
             self.__dict__["last_kernel"] = "aten-int8pack"
             y = y.float()
-            y = y + self.bias.float() if self.bias is not None else y
-            return y.view(*lead, self.out_features), False
-        return self._dequantized_product(x2).view(*lead, self.out_features), False
+            return (y + self.bias.float() if self.bias is not None else y), False
+        return self._dequantized_product(x2), False
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {prefix + "weight": self.weight, prefix + "SCB": self.SCB,
