@@ -77,10 +77,12 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
         for m in (model, ref):  # model.decode: a prompt, then one step
             m.cache = StaticCache(m.config, max_batch_size=1, max_cache_len=16)
         a = [model.decode(ids, model.cache), model.decode(ids[:, :1], model.cache)]
-        if native.library() is not None:  # a decode step's GELU and residual adds ran in the kernels' epilogue
-            blk = model.transformer.h[0]
+        if native.library() is not None:  # a decode step's layer norms ran in the kernels' prologue, its GELU
+            blk = model.transformer.h[0]  # and residual adds in their epilogue
             assert (blk.mlp.c_fc.last_epilogue, blk.mlp.c_proj.last_epilogue, blk.attn.c_proj.last_epilogue) == \
                 ("gelu", "+residual", "+residual")
+            assert (blk.attn.c_attn.last_prologue, blk.mlp.c_fc.last_prologue, blk.mlp.c_proj.last_prologue) == \
+                ("layer_norm", "layer_norm", "")
         b = [ref.decode(ids, ref.cache), ref.decode(ids[:, :1], ref.cache)]
         for x, y in zip(a, b):
             assert (x - y).abs().max().item() < tol

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import Cache, SlotWrite, causal_mask
-from .linear import ACTIVATIONS, Projection, check_activation  # noqa: F401 - ACTIVATIONS re-exported
+from .linear import ACTIVATIONS, Projection, check_activation, in_decode  # noqa: F401 - ACTIVATIONS re-exported
 from ..errors import InvalidInputError
 
 
@@ -112,26 +112,29 @@ class Attention(nn.Module):
 
     def forward(self, x, *, cache: Cache | None = None, cache_position=None, mask=None, is_causal=False,
                 encoder_hidden_states=None, output_attentions=False, plan: SlotWrite | None = None,
-                last: int | None = None, parts=None, final: bool = False, residual=None):
+                last: int | None = None, parts=None, final: bool = False, residual=None, norm=None):
         """x: (B, T, C). With `plan` (model.decode), keys/values go into a StaticCache as planned and the mask
         comes from the plan; `last`: only the last `last` queries are computed (keys and values for all T).
         With `parts` (decode_parts), x is (1, N, C): the tokens of several groups of rows, one after another.
         residual: the block's residual stream at the output's positions, added to the output (by the output
-        projection itself, which a quantized one fuses into its kernel)."""
+        projection itself, which a quantized one fuses into its kernel); norm: the block's layer norm, not yet
+        applied to x (the QKV projection applies it: a quantized one in its kernel)."""
         if parts is not None:
-            return self._forward_parts(x, cache, parts, final, residual), None
+            return self._forward_parts(x, cache, parts, final, residual, norm), None
         B, T, C = x.shape
         dropout = self.attn_dropout.p if self.training else 0.0
         eager = output_attentions or self.config._attn_implementation == "eager"
         probs = None
         if self.is_cross_attention:
+            if norm is not None:
+                x = norm(x)
             q = self._heads(self.q_attn(x))
             k, v = self.c_attn(encoder_hidden_states).split(self.n_embd, dim=2)
             k, v = self._heads(k), self._heads(v)  # (B, H, S_enc, D)
             y, probs = attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
                               eager=eager)
         else:
-            qkv = self.c_attn(x)  # (B, T, 3C)
+            qkv = self.c_attn(x, norm=norm)  # (B, T, 3C)
             if plan is not None and decode_attention_runs(qkv, cache, plan, dropout, eager):
                 self.__dict__["last_attention"] = "fused"
                 y = cache.decode_attention(self.layer_idx, qkv, plan, self.scaling)  # (B, 1, C)
@@ -174,11 +177,11 @@ class Attention(nn.Module):
         return attend(q, k, v, mask, is_causal, scaling=self.scaling, dropout=dropout, upcast=self.upcast,
                       eager=eager)[0]
 
-    def _forward_parts(self, x, cache, parts, final: bool, residual=None):
+    def _forward_parts(self, x, cache, parts, final: bool, residual=None, norm=None):
         """x (1, N, C): the new tokens of every part, one part after another -> (1, N', C) (N' = N, or in the
         final block the kept positions). One projection over all N tokens, attention part by part."""
         C = x.shape[-1]
-        qkv = self.c_attn(x).view(-1, 3 * C)  # (N, 3C)
+        qkv = self.c_attn(x, norm=norm).view(-1, 3 * C)  # (N, 3C)
         eager = self.config._attn_implementation == "eager"
         ys, off = [], 0
         for p in parts:
@@ -249,8 +252,8 @@ class MLP(nn.Module):
         self.activation = config.activation_function
         self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, residual=None):  # (B, T, C) -> (B, T, C) (+ residual)
-        h = self.c_fc(x, self.activation)  # (B, T, inner): the activation fused into the GEMM where it pays
+    def forward(self, x, residual=None, norm=None):  # (B, T, C) -> (B, T, C) (+ residual); norm: not yet applied
+        h = self.c_fc(x, self.activation, norm=norm)  # (B, T, inner): the activation fused into the GEMM where it pays
         return project_out(self.c_proj, self.dropout, h, residual, self.training)
 
 
@@ -271,8 +274,11 @@ class Block(nn.Module):
                 encoder_hidden_states=None, encoder_mask=None, output_attentions=False, plan=None, last=None,
                 parts=None, final=False):
         """`last`: the final block of model.decode computes only the last `last` positions (decode_parts: the
-        flat indices of the kept positions, or None)."""
-        h = self.ln_1(x)
+        flat indices of the kept positions, or None). In model.decode the layer norms go to the projections
+        after them, whose kernels apply them (a quantized one in its prologue): a decode step's 24 layer norms
+        each cost ~20-45 us as an op of their own, with the caches the weight streams have just evicted."""
+        fuse = in_decode()
+        h = x if fuse else self.ln_1(x)
         if parts is not None:
             if last is not None:
                 x = x[:, last]  # (1, N', C): the kept positions of every part
@@ -280,7 +286,7 @@ class Block(nn.Module):
             x = x[:, -last:]  # only the last positions go on (model.decode's final block)
         x, probs = self.attn(h, cache=cache, cache_position=cache_position, mask=mask, is_causal=is_causal,
                              output_attentions=output_attentions, plan=plan, last=last, parts=parts, final=final,
-                             residual=x)  # x + attention
+                             residual=x, norm=self.ln_1 if fuse else None)  # x + attention
         cross_probs = None
         if encoder_hidden_states is not None:
             if not hasattr(self, "crossattention"):
@@ -290,5 +296,5 @@ class Block(nn.Module):
                                                  encoder_hidden_states=encoder_hidden_states,
                                                  output_attentions=output_attentions)
             x = x + c
-        x = self.mlp(self.ln_2(x), residual=x)  # x + mlp
+        x = self.mlp(x, residual=x, norm=self.ln_2) if fuse else self.mlp(self.ln_2(x), residual=x)  # x + mlp
         return x, probs, cross_probs

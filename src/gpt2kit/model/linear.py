@@ -223,10 +223,13 @@ class _PolicyLinear:
         return (None, None) if self._pack is None else (self._pack[5], self._pack[3])
 
     def _run(self, x: torch.Tensor, activation: str | None = None, path: str | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., in) -> (..., out) along `path` (default: the policy's choice for this call), plus `residual`
-        where given (a block's residual add: a quantized projection fuses it into its kernel). oneDNN's
-        linear takes any leading dimensions itself, so the decode paths run no reshapes around it."""
+             residual: torch.Tensor | None = None, norm=None) -> torch.Tensor:
+        """(..., in) -> (..., out) along `path` (default: the policy's choice for this call), of `norm(x)` where
+        given (the block's layer norm) and plus `residual` where given (the block's residual add): a quantized
+        projection fuses both into its kernel. oneDNN's linear takes any leading dimensions itself, so the
+        decode paths run no reshapes around it."""
+        if norm is not None:
+            x = norm(x)
         if residual is not None:
             return self._run(x, activation, path) + residual
         params = self._parameters  # not through nn.Module.__getattr__: this runs 49 times a GPT-2 small step

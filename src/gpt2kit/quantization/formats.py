@@ -234,7 +234,8 @@ def quantize_int4_affine(weight: torch.Tensor, group_size: int) -> tuple[torch.T
 def dequantize_int4_affine(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     g = K // scales.shape[1]
-    w = (q.view(N, -1, g).float() - 8) * scales[..., None] + zeros[..., None]
+    # (q - 8) * scale + zero rounded once (addcmul is a fused multiply-add), as the native kernels compute it
+    w = torch.addcmul(zeros[..., None], q.view(N, -1, g).float() - 8, scales[..., None])
     return w.view(N, K)
 
 

@@ -31,18 +31,23 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run (native/quantized.c M
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
+NO_NORM = (None, None, 0.0)  # the fused kernels' layer-norm arguments (weight, bias, eps) when there is none
+
+
 class QuantizedProjection(nn.Module):
-    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_product(x, lead, act, res)
-    -> (y, fused)` for x (*lead, in) float32 contiguous on the CPU: fused, y (*lead, out) from a fused kernel
-    that applied act (1: tanh GELU) and added res itself; else y (M, out) (the fused kernels read and write those
-    shapes as they are: in a decode step a reshape or view costs ~15 us with caches the weight streams have
-    just evicted), and `dequantize() -> W [out, in]` for everything else."""
+    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_fused(M)`: whether the fused
+    kernel takes M rows, `_product(x, lead, act, res, ln) -> (y, fused)` for x (*lead, in) float32 contiguous on
+    the CPU: fused, y (*lead, out) from a fused kernel that layer-normed x first (ln: weight, bias, eps, or
+    NO_NORM), applied act (1: tanh GELU) and added res itself; else y (M, out) (the fused kernels read and write
+    those shapes as they are: in a decode step a reshape or view costs ~15 us with caches the weight streams
+    have just evicted), and `dequantize() -> W [out, in]` for everything else."""
 
     mode = ""
     # which path the last forward took (tests assert the fast path ran); set through __dict__, past
     # nn.Module.__setattr__ (~3 us, 49 calls a GPT-2 small decode step), as Projection.last_path
     last_kernel = ""
     last_epilogue = ""  # what the last fused kernel call applied after its product: "gelu", "+residual"
+    last_prologue = ""  # and before it: "layer_norm"
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype=None):
         super().__init__()
@@ -50,27 +55,41 @@ class QuantizedProjection(nn.Module):
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
         self.compute_dtype = compute_dtype
 
-    def forward(self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None):
-        """act(x @ W^T + b) (+ residual): a block's residual add, where the caller passes it, is done here, and
-        in a decode step the fused kernels apply the tanh GELU and the residual in their epilogue (each of
-        those small ops costs ~25-45 us with the caches the weight stream has just evicted)."""
+    def forward(self, x: torch.Tensor, activation: str | None = None, residual: torch.Tensor | None = None,
+                norm: nn.LayerNorm | None = None):
+        """act(norm(x) @ W^T + b) (+ residual): a block's layer norm and residual add, where the caller passes
+        them, are done here, and in a decode step the fused kernels apply the layer norm in their prologue, the
+        tanh GELU and the residual in their epilogue (each of those small ops costs ~20-45 us with the caches the
+        weight stream has just evicted)."""
         # each op skipped on the common path (float32, contiguous, no activation) saves a few us; a GPT-2
         # small decode step makes 49 of these calls
         lead = x.shape[:-1]
         if x.device.type == "cpu":
             f32 = x.dtype is torch.float32
+            decode = in_decode()
+            ln = NO_NORM
+            if norm is not None:
+                p = norm._parameters
+                if (decode and f32 and p.get("weight") is not None and p.get("bias") is not None
+                        and p["weight"].dtype is torch.float32 and self._fused(math.prod(lead))):
+                    ln = (p["weight"], p["bias"], norm.eps)
+                else:
+                    x = norm(x)
             xf = x if f32 else x.float()
-            act = 1 if activation in TANH_GELUS and in_decode() else 0
+            act = 1 if activation in TANH_GELUS and decode else 0
             res = residual if (residual is not None and f32 and residual.dtype is torch.float32
                                and residual.is_contiguous() and residual.shape == (*lead, self.out_features)) else None
-            y, fused = self._product(xf.contiguous(), lead, act, res)  # float32, bias added
+            y, fused = self._product(xf.contiguous(), lead, act, res, ln)  # float32, bias added
             if not fused:  # the fallbacks compute (M, out)
                 y = y.view(*lead, self.out_features)
-            else:  # the kernel's epilogue did what it was asked
+            else:  # the kernel's prologue and epilogue did what they were asked
                 activation = None if act else activation
                 residual = None if res is not None else residual
                 self.__dict__["last_epilogue"] = ("gelu" if act else "") + ("+residual" if res is not None else "")
+                self.__dict__["last_prologue"] = "layer_norm" if ln is not NO_NORM else ""
         else:
+            if norm is not None:
+                x = norm(x)
             dtype = self.compute_dtype or x.dtype
             w = self.dequantize().to(dtype)
             bias = self.bias.to(dtype) if self.bias is not None else None
@@ -164,17 +183,20 @@ class Linear4bit(QuantizedProjection):
             return super().dequantize_rows(n0, n1)
         out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
         native.call(lib.gpt2kit_lut4_dequant, self.weight, n0, n1, self.in_features, self.quant_map, self.absmax, None,
-                    self.blocksize, out)
+                    self.blocksize, out, None)
         return out
 
-    def _product(self, x, lead, act=0, res=None):
-        lib = native.library()
+    def _fused(self, M: int) -> bool:
+        return M <= SMALL_BATCH and self._fused_ok() and native.library() is not None
+
+    def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
-        if lib is not None and self._fused_ok() and M <= SMALL_BATCH:
+        if self._fused(M):
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(lib.gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
-                        b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y, self.out_features, act, res)
+            native.call(native.library().gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"],
+                        self.out_features, b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y,
+                        self.out_features, act, res, *ln)
             self.__dict__["last_kernel"] = "fused-lut4"
             return y, True
         return self._dequantized_product(x.view(M, self.in_features)), False
@@ -216,7 +238,17 @@ class LinearInt4(QuantizedProjection):
         return Q.dequantize_int4_affine(self.codes().int(), self.scales, self.zeros)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The dequantized rows `ids` (n,) -> (n, in) float32 (an embedding lookup)."""
+        """The dequantized rows `ids` (n,) -> (n, in) float32 (an embedding lookup): decoded by the native
+        kernel where it is built (one call instead of ~12 small ops, ~0.2 ms a GPT-2 small decode step)."""
+        lib = native.library()
+        if lib is not None and ids.device.type == "cpu" and self.weight.device.type == "cpu":
+            if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.out_features):
+                raise IndexError(f"index out of range: token ids must be in [0, {self.out_features})")
+            out = torch.empty(ids.shape[0], self.in_features, dtype=torch.float32)
+            idx = ids.to(torch.int64).contiguous()
+            native.call(lib.gpt2kit_lut4_dequant, self.weight, 0, idx.shape[0], self.in_features, self.code,
+                        self.scales, self.zeros, self.group_size, out, idx)
+            return out
         codes = Q.unpack_codes(self.weight[ids]).view(ids.shape[0], self.in_features)
         return Q.dequantize_int4_affine(codes.int(), self.scales[ids], self.zeros[ids])
 
@@ -226,21 +258,24 @@ class LinearInt4(QuantizedProjection):
             return super().dequantize_rows(n0, n1)
         out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
         native.call(lib.gpt2kit_lut4_dequant, self.weight, n0, n1, self.in_features, self.code, self.scales, self.zeros,
-                    self.group_size, out)
+                    self.group_size, out, None)
         return out
 
-    def _product(self, x, lead, act=0, res=None):
-        lib = native.library()
+    def _fused(self, M: int) -> bool:
+        return M <= SMALL_BATCH and native.library() is not None
+
+    def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
-        if lib is not None and M <= SMALL_BATCH:
+        if self._fused(M):
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(lib.gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
-                        b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y, self.out_features, act, res)
+            native.call(native.library().gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"],
+                        self.out_features, b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y,
+                        self.out_features, act, res, *ln)
             self.__dict__["last_kernel"] = "fused-lut4"
             return y, True
         x2 = x.view(M, self.in_features)
-        if lib is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
+        if native.library() is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
             return self._int4pack_product(x2), False
         return self._dequantized_product(x2), False
 
@@ -280,14 +315,16 @@ class Linear8bit(QuantizedProjection):
         """The dequantized rows `ids` (n,) -> (n, in) float32 (an embedding lookup)."""
         return Q.dequantize_int8_rowwise(self.weight[ids], self.SCB[ids])
 
-    def _product(self, x, lead, act=0, res=None):
-        lib = native.library()
+    def _fused(self, M: int) -> bool:
+        return M <= SMALL_BATCH and self.in_features % 32 == 0 and native.library() is not None
+
+    def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
-        if lib is not None and M <= SMALL_BATCH and self.in_features % 32 == 0:
+        if self._fused(M):
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(lib.gpt2kit_int8_mm, x, M, self.in_features, self.in_features, b["weight"], self.out_features,
-                        b["scale"], self._bias32(), y, self.out_features, act, res)
+            native.call(native.library().gpt2kit_int8_mm, x, M, self.in_features, self.in_features, b["weight"],
+                        self.out_features, b["scale"], self._bias32(), y, self.out_features, act, res, *ln)
             self.__dict__["last_kernel"] = "fused-int8"
             return y, True
         from ..model import onednn
