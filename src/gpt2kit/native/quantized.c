@@ -27,6 +27,12 @@
 #include "vecmath.h"
 
 #define MAX_M 16
+/* GPT2KIT_VNNI=0 turns the integer int4 kernel off (the float one runs): for A/B measurements and the tests that
+ * hold one against the other; read every call, so a process can switch */
+static int vnni_allowed(void) {
+    const char *e = getenv("GPT2KIT_VNNI");
+    return !e || e[0] != '0';
+}
 /* Batch-1 kernels: how far ahead (in groups of four output rows) the rows are prefetched. A GPT-2 row is
  * only 384-3072 bytes, too short a stream for the hardware prefetcher to ramp up on four rows read side by
  * side: GPT-2 small's 49 int8 matrices (cold, 2 Xeon threads) took 12.5-17.2 ms without, 7.4-10.1 ms with
@@ -75,7 +81,7 @@ static float *alloc_rows(int64_t M, int64_t K) {
 }
 
 /* x (M, K), layer-normed first where ln_w is given -> its even and odd columns, so a byte's high/low nibbles
- * meet their inputs lane by lane */
+ * meet their inputs lane by lane (K % 32 == 0) */
 static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx, const float *ln_w, const float *ln_b,
                            float eps) {
     float *normed = NULL;
@@ -85,12 +91,15 @@ static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx, co
         x = normed, ldx = K;
     }
     float *buf = alloc_rows(M, K);
+    const __m512i ei = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i oi = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (int64_t m = 0; m < M; m++) {
         float *even = buf + m * K, *odd = even + K / 2;
         const float *row = x + m * ldx;
-        for (int64_t j = 0; j < K / 2; j++) {
-            even[j] = row[2 * j];
-            odd[j] = row[2 * j + 1];
+        for (int64_t j = 0; j < K / 2; j += 16) {  /* K % 32 == 0 */
+            const __m512 a = _mm512_loadu_ps(row + 2 * j), b = _mm512_loadu_ps(row + 2 * j + 16);
+            _mm512_storeu_ps(even + j, _mm512_permutex2var_ps(a, ei, b));
+            _mm512_storeu_ps(odd + j, _mm512_permutex2var_ps(a, oi, b));
         }
     }
     free(normed);
@@ -155,12 +164,149 @@ static inline void lut4_rows4_m1(const float *xs, int64_t K, const uint8_t *w, c
         y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(hi[r], lo[r])) + (bias ? bias[n + r] : 0.0f);
 }
 
-/* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's */
+#ifdef __AVX512VNNI__
+/* Affine int4 at one input row by integer dot products: VNNI's vpdpbusd multiplies 64 unsigned 4-bit codes by 64
+ * signed bytes an instruction, where the float kernel above spends six instructions on 32 weights (a widening, a
+ * shift, two lookups, two FMAs). x is split into three 7-bit integer pieces, x ~ sigma (x1 + x2 / 128 + x3 / 128^2)
+ * with sigma = max|x| / 127 (|x1| <= 127, |x2|, |x3| <= 64), exact to ~3e-7 max|x|, so no activation precision
+ * that float32 keeps is given up: the product stays weight-only. With w = (q - 8) s + z per group g:
+ *     sum_k w_k x_k = sum_g s_g sum_{k in g} q_k x_k + sum_g (z_g - 8 s_g) Sx_g,   Sx_g = sum_{k in g} x_k
+ * (the integer split follows the usual multi-limb idea; llama.cpp's q4_0 x q8_0 products use vpdpbusd on one
+ * 8-bit piece, which rounds the activations). */
+typedef struct {
+    int8_t *pieces;  /* 6 arrays of `stride` bytes: piece 0..2 x (even inputs: high nibbles, odd: low nibbles) */
+    int64_t stride;  /* K / 2 rounded up to 64, zero padded */
+    float *gsum;     /* Sx_g, K / bs */
+    float sigma;
+} xsplit;
+
+/* 0, or -1 where x holds a NaN or an infinity (the float kernel then runs, and propagates it). K % 32 == 0, bs % 32
+ * == 0. Vectorised: this runs once a product, and a scalar loop (three roundings an input) cost ~0.4 ms of a GPT-2
+ * small decode step. */
+static int split_x(const float *x, int64_t K, int64_t bs, xsplit *out) {
+    __m512 mx = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_loadu_ps(x + k);
+        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);  /* inf - inf, NaN: NaN */
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+    if (bad) return -1;
+    const float m = _mm512_reduce_max_ps(mx);
+    const float sigma = m > 0.0f ? m / 127.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(1.0f / sigma), r128 = _mm512_set1_ps(128.0f);
+    const int64_t stride = (K / 2 + 63) / 64 * 64;
+    int8_t *buf = (int8_t *)aligned_alloc(64, (size_t)(6 * stride));
+    float *gsum = (float *)aligned_alloc(64, ((size_t)(K / bs) * sizeof(float) + 63) / 64 * 64);
+    memset(buf, 0, (size_t)(6 * stride));  /* the padding past K / 2 stays zero: the masked chunk's codes meet 0 */
+    for (int64_t g = 0; g < K / bs; g++) gsum[g] = 0.0f;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int64_t k = 0; k < K; k += 32) {  /* 32 inputs: 16 even, 16 odd */
+        const __m512 lo = _mm512_loadu_ps(x + k), hi = _mm512_loadu_ps(x + k + 16);
+        gsum[k / bs] += _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        for (int o = 0; o < 2; o++) {
+            const __m512 v = _mm512_mul_ps(_mm512_permutex2var_ps(lo, o ? odd : even, hi), inv);
+            const __m512 a = _mm512_roundscale_ps(v, rnd);
+            const __m512 r = _mm512_mul_ps(_mm512_sub_ps(v, a), r128);  /* exact: v - a, and * 2^7 */
+            const __m512 b = _mm512_roundscale_ps(r, rnd);
+            const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r, b), r128), rnd);
+            _mm_storeu_si128((__m128i *)(buf + (0 * 2 + o) * stride + k / 2), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+            _mm_storeu_si128((__m128i *)(buf + (1 * 2 + o) * stride + k / 2), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(b)));
+            _mm_storeu_si128((__m128i *)(buf + (2 * 2 + o) * stride + k / 2), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+        }
+    }
+    out->pieces = buf, out->stride = stride, out->gsum = gsum, out->sigma = sigma;
+    return 0;
+}
+
+/* R (1..4) consecutive output rows from n; rows K / 2 bytes, scale / zero [N, K / bs] */
+static inline __attribute__((always_inline)) void int4_vnni_rows_m1(const xsplit *xs, int64_t K, const uint8_t *w,
+                                                                    const float *scale, const float *zero, int64_t bs,
+                                                                    const float *bias, int64_t n, float *y, const int R) {
+    const int64_t half = K / 2, groups = K / bs, S = xs->stride;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 tot[4];
+    for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < half; j += 64) {  /* 64 bytes = 128 weights a row; lane i: bytes 4i .. 4i + 3 */
+        const __mmask64 live = half - j >= 64 ? ~0ULL : (1ULL << (half - j)) - 1;
+        for (int r = 0; r < R; r++)
+            _mm_prefetch((const char *)(w + (n + r + PREFETCH_GROUPS * 4) * half + j), _MM_HINT_T0);
+        const int8_t *p = xs->pieces + j;
+        const __m512i e1 = _mm512_load_si512(p), o1 = _mm512_load_si512(p + S), e2 = _mm512_load_si512(p + 2 * S),
+                      o2 = _mm512_load_si512(p + 3 * S), e3 = _mm512_load_si512(p + 4 * S), o3 = _mm512_load_si512(p + 5 * S);
+        /* lane i's inputs 2j + 8i .. 2j + 8i + 7 are in group (2j + 8i) / bs: its scale, from the chunk's first */
+        const int64_t g0 = 2 * j / bs, ng = groups - g0 < 16 ? groups - g0 : 16;
+        const __m512i gidx = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(2 * j)),
+                                                                                _mm512_slli_epi32(lane, 3)),
+                                                                __builtin_ctzll((unsigned long long)bs)),
+                                              _mm512_set1_epi32((int)g0));
+        for (int r = 0; r < R; r++) {
+            const __m512i v = _mm512_maskz_loadu_epi8(live, w + (n + r) * half + j);
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), lo = _mm512_and_si512(v, nib);
+            const __m512i a1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, e1), lo, o1);
+            const __m512i a2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, e2), lo, o2);
+            const __m512i a3 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, e3), lo, o3);
+            /* |a1| <= 8 * 15 * 127: a1 * 2^14 + a2 * 2^7 + a3 fits int32 */
+            const __m512i a = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(a1, 14), _mm512_slli_epi32(a2, 7)), a3);
+            const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps((__mmask16)((1u << ng) - 1),
+                                                                                 scale + (n + r) * groups + g0));
+            tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, tot[r]);
+        }
+    }
+    const float unit = xs->sigma / 16384.0f;
+    for (int r = 0; r < R; r++) {
+        __m512 zt = _mm512_setzero_ps();  /* sum_g (z_g - 8 s_g) Sx_g */
+        const float *sr = scale + (n + r) * groups, *zr = zero + (n + r) * groups;
+        for (int64_t g = 0; g < groups; g += 16) {
+            const __mmask16 m = groups - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - g)) - 1);
+            const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), _mm512_maskz_loadu_ps(m, sr + g),
+                                                _mm512_maskz_loadu_ps(m, zr + g));
+            zt = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, xs->gsum + g), zt);
+        }
+        y[n + r] = _mm512_reduce_add_ps(tot[r]) * unit + _mm512_reduce_add_ps(zt) + (bias ? bias[n + r] : 0.0f);
+    }
+}
+
+/* the whole batch-1 product, or -1 (x not finite): the float kernel runs instead */
+static int int4_vnni_m1(const float *x, int64_t K, const uint8_t *w, int64_t N, const float *scale, const float *zero,
+                        int64_t bs, const float *bias, float *y) {
+    xsplit xs;
+    if (split_x(x, K, bs, &xs)) return -1;
+    const int64_t N4 = N / 4 * 4;
+    #pragma omp parallel for schedule(guided, 4)
+    for (int64_t n = 0; n < N4; n += 4) int4_vnni_rows_m1(&xs, K, w, scale, zero, bs, bias, n, y, 4);
+    for (int64_t n = N4; n < N; n++) int4_vnni_rows_m1(&xs, K, w, scale, zero, bs, bias, n, y, 1);
+    free(xs.pieces);
+    free(xs.gsum);
+    return 0;
+}
+#endif
+
+/* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's.
+ * Returns 1 where the integer (VNNI) int4 kernel ran, 0 the float one, -1 for arguments it refuses. */
 int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
                     const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
                     float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w, const float *ln_b,
                     float eps) {
     if (M < 1 || M > MAX_M || K % bs || bs % 32 || N < 1) return -1;
+#ifdef __AVX512VNNI__
+    if (M == 1 && zero && (bs & (bs - 1)) == 0 && vnni_allowed()) {  /* affine int4 (integer codes), bs a power of 2 */
+        float *normed = NULL;
+        if (ln_w) {
+            normed = alloc_rows(1, K);
+            layer_norm_rows(x, 1, K, ldx, ln_w, ln_b, eps, normed);
+        }
+        const int rc = int4_vnni_m1(normed ? normed : x, K, w, N, scale, zero, bs, bias, y);
+        free(normed);
+        if (rc == 0) {
+            epilogue(y, M, N, ldy, act, residual);
+            return 1;
+        }
+    }
+#endif
     float *xs = deinterleave(x, M, K, ldx, ln_w, ln_b, eps);
     const __m512 table0 = _mm512_loadu_ps(code);
     const int64_t blocks = K / bs, half = K / 2;

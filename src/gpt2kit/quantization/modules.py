@@ -269,10 +269,11 @@ class LinearInt4(QuantizedProjection):
         if self._fused(M):
             y = torch.empty(*lead, self.out_features, dtype=torch.float32)
             b = self._buffers
-            native.call(native.library().gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"],
-                        self.out_features, b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y,
-                        self.out_features, act, res, *ln)
-            self.__dict__["last_kernel"] = "fused-lut4"
+            rc = native.call(native.library().gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"],
+                             self.out_features, b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y,
+                             self.out_features, act, res, *ln)
+            # at one row on a CPU with AVX512-VNNI, integer dot products over x split into three 7-bit pieces
+            self.__dict__["last_kernel"] = "fused-int4-vnni" if rc == 1 else "fused-lut4"
             return y, True
         x2 = x.view(M, self.in_features)
         if native.library() is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
