@@ -75,3 +75,30 @@ def test_integer_kernel_with_the_layer_norm_prologue_and_epilogue(monkeypatch):
         assert (got.double() - want).abs().max().item() / want.abs().max().item() < 2e-5
         flt = _float_kernel(monkeypatch, m, x, "gelu_new", residual=res, norm=norm)
         assert (flt - got).abs().max().item() / want.abs().max().item() < 2e-5
+
+
+def test_the_decode_call_follows_replaced_tensors_and_refuses_a_wrong_shape():
+    """The lean decode path caches the kernel's addresses: a buffer replaced by assignment, a weight's storage
+    swapped, or a move must not leave it reading the old memory; a wrong input size is an error, not a read past
+    the tensor."""
+    from gpt2kit.errors import InvalidInputError
+
+    m, g = _module(64, 256, 32, seed=3)
+    x = torch.randn(1, 256, generator=g)
+    with torch.inference_mode(), decoding(1, pack=False):
+        y0 = m(x)
+        assert m.last_call == "lean"
+        m.scales = m.scales * 2  # nn.Module.__setattr__ puts it in _buffers: the cached address is stale
+        y1 = m(x)
+        assert m.last_call == "lean"
+        want = x.double() @ m.dequantize().double().t() + m.bias.double()
+        assert (y1.double() - want).abs().max().item() < 2e-5 * want.abs().max().item()
+        assert not torch.allclose(y0, y1)
+        codes = m.weight.clone()
+        m.weight.data = torch.zeros_like(codes)  # the storage swapped under the same tensor
+        y2 = m(x)
+        assert m.last_call == "lean"
+        want = x.double() @ m.dequantize().double().t() + m.bias.double()
+        assert (y2.double() - want).abs().max().item() < 2e-5 * want.abs().max().item()
+        with pytest.raises(InvalidInputError, match="256 features"):
+            m(torch.randn(1, 255))

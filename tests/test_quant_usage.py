@@ -83,6 +83,7 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
                 ("gelu", "+residual", "+residual")
             assert (blk.attn.c_attn.last_prologue, blk.mlp.c_fc.last_prologue, blk.mlp.c_proj.last_prologue) == \
                 ("layer_norm", "layer_norm", "")
+            assert {m.last_call for m in quantized_modules(model).values()} == {"lean"}  # one kernel call each
         b = [ref.decode(ids, ref.cache), ref.decode(ids[:, :1], ref.cache)]
         for x, y in zip(a, b):
             assert (x - y).abs().max().item() < tol

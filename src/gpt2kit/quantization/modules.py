@@ -23,6 +23,7 @@ from torch import nn
 
 from . import formats as Q
 from .. import native
+from ..errors import InvalidInputError
 from ..model.linear import TANH_GELUS, apply_activation, in_decode
 
 logger = logging.getLogger("gpt2kit.quantization")
@@ -48,6 +49,7 @@ class QuantizedProjection(nn.Module):
     last_kernel = ""
     last_epilogue = ""  # what the last fused kernel call applied after its product: "gelu", "+residual"
     last_prologue = ""  # and before it: "layer_norm"
+    last_call = ""  # "lean": the decode step's one-call path (_decode_call), "general": forward's full checks
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, compute_dtype=None):
         super().__init__()
@@ -61,8 +63,14 @@ class QuantizedProjection(nn.Module):
         them, are done here, and in a decode step the fused kernels apply the layer norm in their prologue, the
         tanh GELU and the residual in their epilogue (each of those small ops costs ~20-45 us with the caches the
         weight stream has just evicted)."""
-        # each op skipped on the common path (float32, contiguous, no activation) saves a few us; a GPT-2
-        # small decode step makes 49 of these calls
+        if in_decode():
+            y = self._decode_call(x, activation, residual, norm)
+            if y is not None:
+                return y
+        self.__dict__["last_call"] = "general"
+        if x.shape[-1] != self.in_features:
+            raise InvalidInputError(f"{type(self).__name__} takes inputs of {self.in_features} features, got a tensor "
+                                    f"of shape {tuple(x.shape)}.")
         lead = x.shape[:-1]
         if x.device.type == "cpu":
             f32 = x.dtype is torch.float32
@@ -101,6 +109,73 @@ class QuantizedProjection(nn.Module):
             y = apply_activation(y, activation, one_kernel=in_decode())
         return y if residual is None else y + residual
 
+    def _decode_call(self, x, activation, residual, norm):
+        """A decode step's product as one kernel call with as little Python around it as can be: every attribute,
+        check and conversion costs several us with the caches the weight streams have just evicted (the general
+        path below spent ~50-70 us a call around a ~30 us kernel call, a GPT-2 small step making 49). The kernel
+        and the addresses of the stored tensors are built once (`_kernel_args`). None where this does not apply
+        (not float32, not contiguous, too many rows, another activation, ...): the general path runs."""
+        k = self.__dict__.get("_kernel")
+        if k is None or (k and k[3] != self._buffers["weight"].data_ptr()):  # new, or the weight's storage swapped
+            k = self._kernel_args()
+        if not k or x.dtype is not torch.float32 or not x.is_cpu:
+            return None
+        shape = x.shape
+        lead = shape[:-1]
+        M = math.prod(lead)
+        if shape[-1] != self.in_features or M > SMALL_BATCH or not x.is_contiguous():
+            return None
+        act = 0
+        if activation is not None:
+            if activation not in TANH_GELUS:
+                return None
+            act = 1
+        out = (*lead, self.out_features)
+        res = 0
+        if residual is not None:
+            if residual.dtype is not torch.float32 or residual.shape != out or not residual.is_contiguous():
+                return None
+            res = residual.data_ptr()
+        ln_w = ln_b = 0
+        eps = 0.0
+        if norm is not None:
+            p = norm._parameters
+            ln_w, ln_b = p.get("weight"), p.get("bias")
+            if ln_w is None or ln_b is None or ln_w.dtype is not torch.float32 or ln_b.dtype is not torch.float32:
+                return None
+            ln_w, ln_b, eps = ln_w.data_ptr(), ln_b.data_ptr(), norm.eps
+        y = torch.empty(out)
+        fn, static, names = k[0], k[1], k[2]
+        rc = fn(x.data_ptr(), M, self.in_features, self.in_features, *static, y.data_ptr(), self.out_features, act, res,
+                ln_w, ln_b, eps)
+        if rc < 0:
+            raise RuntimeError(f"gpt2kit kernel {fn.__name__} refused its arguments (status {rc}).")
+        d = self.__dict__
+        d["last_call"] = "lean"
+        d["last_kernel"] = names[rc]
+        d["last_epilogue"] = ("gelu" if act else "") + ("+residual" if res else "")
+        d["last_prologue"] = "layer_norm" if ln_w else ""
+        return y
+
+    def _kernel_args(self):
+        """(kernel, its arguments between x's and y's as addresses and ints, the variant names by status, the
+        weight's address) for `_decode_call`, cached until an attribute is set, the module is moved or cast, or its
+        weight's storage is swapped (checked each call); False where the fused kernel cannot take this module."""
+        k = False
+        b, bias = self._buffers, self._parameters.get("bias")
+        lib = native.library()
+        on_cpu = all(t is None or t.device.type == "cpu" for t in [bias, *b.values()])
+        if lib is not None and on_cpu and self._fused(1) and (bias is None or bias.dtype is torch.float32):
+            fn, static, names = self._kernel_spec(lib, bias.data_ptr() if bias is not None else 0)
+            k = (fn, tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in static), names,
+                 b["weight"].data_ptr())
+        self.__dict__["_kernel"] = k
+        return k
+
+    def __setattr__(self, name, value):  # a buffer or the bias replaced: the cached addresses are stale
+        self.__dict__.pop("_kernel", None)
+        super().__setattr__(name, value)
+
     def _apply(self, fn, recurse=True):
         """`model.to(dtype)` / `.half()` leave the stored statistics (scales, absmax, zeros, code tables) in
         float32: they are part of the format and the kernels read them as float32 (cast to bfloat16, every
@@ -118,6 +193,7 @@ class QuantizedProjection(nn.Module):
                     buffers[name] = buf.to(device)
         if getattr(self, "_int4pack", None) is not None:
             self._int4pack = None  # PyTorch's packed copy, rebuilt from the moved buffers
+        self.__dict__.pop("_kernel", None)
         return self
 
     def _bias32(self):
@@ -188,6 +264,11 @@ class Linear4bit(QuantizedProjection):
 
     def _fused(self, M: int) -> bool:
         return M <= SMALL_BATCH and self._fused_ok() and native.library() is not None
+
+    def _kernel_spec(self, lib, bias):
+        b = self._buffers
+        return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["quant_map"], b["absmax"], 0, self.blocksize, bias),
+                ("fused-lut4",))
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
@@ -264,6 +345,11 @@ class LinearInt4(QuantizedProjection):
     def _fused(self, M: int) -> bool:
         return M <= SMALL_BATCH and native.library() is not None
 
+    def _kernel_spec(self, lib, bias):
+        b = self._buffers
+        return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["code"], b["scales"], b["zeros"], self.group_size,
+                                      bias), ("fused-lut4", "fused-int4-vnni"))
+
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
         if self._fused(M):
@@ -318,6 +404,10 @@ class Linear8bit(QuantizedProjection):
 
     def _fused(self, M: int) -> bool:
         return M <= SMALL_BATCH and self.in_features % 32 == 0 and native.library() is not None
+
+    def _kernel_spec(self, lib, bias):
+        b = self._buffers
+        return lib.gpt2kit_int8_mm, (b["weight"], self.out_features, b["scale"], bias), ("fused-int8",)
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
