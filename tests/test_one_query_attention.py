@@ -74,8 +74,8 @@ def test_the_kernel_is_not_asked_for_what_it_does_not_take():
     assert not decode_attention_runs(qkv, cache, cache.plan(1), 0.1, False)  # dropout
     assert not decode_attention_runs(qkv, cache, cache.plan(1), 0.0, True)  # eager
     assert not decode_attention_runs(qkv.bfloat16(), cache, cache.plan(1), 0.0, False)  # the cache in another dtype
-    assert not decode_attention_runs(qkv.half(), filled_cache(torch.half, 2, 4, 64, 16, [3, 5], g), cache.plan(1),
-                                     0.0, False)
+    half = filled_cache(torch.half, 2, 4, 64, 16, [3, 5], g)  # a dtype the kernel does not take: its own plan says so
+    assert not half.plan(1).decode_kernel and not decode_attention_runs(qkv.half(), half, half.plan(1), 0.0, False)
     narrow = filled_cache(torch.float32, 2, 4, 8, 16, [3, 5], g)  # head_dim 8
     assert not decode_attention_runs(torch.randn(2, 96), narrow, narrow.plan(1), 0.0, False)
     with torch.enable_grad():

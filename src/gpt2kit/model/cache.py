@@ -135,6 +135,7 @@ class SlotWrite:
     # instead of a mask (None otherwise)
     key_counts: torch.Tensor | None = None
     slot_ids: torch.Tensor | None = None
+    decode_kernel: bool = False  # key_counts set and StaticCache.decode_kernel_fits(): asked once a step, not a layer
 
 
 _DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -234,14 +235,15 @@ class StaticCache(Cache):
         key_counts = slot_ids = None
         if T == 1 and key_mask is None:
             key_counts, slot_ids = torch.tensor([n + 1 for n in starts]), torch.tensor(slots[:B])
+        fused = key_counts is not None and self.decode_kernel_fits()
         groups = None  # (the fused decode kernel reads each row's own keys: no runs to choose, ~250 us for 32 rows)
-        if not uniform and span is not None and not (key_counts is not None and self.decode_kernel_fits()):
+        if not uniform and span is not None and not fused:
             kb = self.key_cache[0]
             row_bytes = 2 * kb.shape[1] * kb.shape[3] * kb.element_size()  # keys + values of one position
             groups = attention_groups([n + T for n in starts], GROUP_CALL_BYTES / row_bytes)
             if len(groups) == 1:
                 groups = None
-        return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups, key_counts, slot_ids)
+        return SlotWrite(rows, span, starts, T, S, index, None, mask, is_causal, groups, key_counts, slot_ids, fused)
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, plan: SlotWrite):
         """Store one layer's new keys/values (B, H, T, D) as planned; return what its attention reads:

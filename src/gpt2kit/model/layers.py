@@ -48,9 +48,9 @@ def decode_attention_runs(qkv, cache, plan, dropout: float, eager: bool) -> bool
     no dropout, no gradient, the fused qkv in the cache's dtype, and a cache the kernel takes
     (StaticCache.decode_kernel_fits: CPU, float32 or bfloat16, head_dim a multiple of 16 up to 256, the
     native library built for this CPU)."""
-    if plan.key_counts is None or eager or dropout != 0.0:
+    if not plan.decode_kernel or eager or dropout != 0.0:  # plan.decode_kernel: key_counts and the cache fits
         return False
-    return (qkv.dtype is cache.key_cache[0].dtype and qkv.stride(-1) == 1 and cache.decode_kernel_fits()
+    return (qkv.dtype is cache.key_cache[0].dtype and qkv.stride(-1) == 1
             and not (torch.is_grad_enabled() and qkv.requires_grad))
 
 
