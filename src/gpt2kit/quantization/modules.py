@@ -35,6 +35,23 @@ DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 NO_NORM = (None, None, 0.0)  # the fused kernels' layer-norm arguments (weight, bias, eps) when there is none
 
 
+def _kernel_norm(norm, in_features: int):
+    """(weight, bias, eps) of a layer norm the fused kernels can apply (float32 CPU affine, over the input's
+    features), else None: the caller applies it first."""
+    p = norm._parameters
+    w, b = p.get("weight"), p.get("bias")
+    if (w is None or b is None or w.dtype is not torch.float32 or b.dtype is not torch.float32 or not w.is_cpu
+            or not b.is_cpu or w.numel() != in_features):
+        return None
+    return w, b, norm.eps
+
+
+def _kernel_residual(residual, shape) -> bool:
+    """Whether the fused kernels' epilogue can add this residual to an output of `shape`."""
+    return (residual.dtype is torch.float32 and residual.is_cpu and residual.shape == shape
+            and residual.is_contiguous())
+
+
 class QuantizedProjection(nn.Module):
     """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_fused(M)`: whether the fused
     kernel takes M rows, `_product(x, lead, act, res, ln) -> (y, fused)` for x (*lead, in) float32 contiguous on
@@ -77,16 +94,15 @@ class QuantizedProjection(nn.Module):
             decode = in_decode()
             ln = NO_NORM
             if norm is not None:
-                p = norm._parameters
-                if (decode and f32 and p.get("weight") is not None and p.get("bias") is not None
-                        and p["weight"].dtype is torch.float32 and self._fused(math.prod(lead))):
-                    ln = (p["weight"], p["bias"], norm.eps)
+                fusable = _kernel_norm(norm, self.in_features) if decode and f32 and self._fused(math.prod(lead)) else None
+                if fusable is not None:
+                    ln = fusable
                 else:
                     x = norm(x)
             xf = x if f32 else x.float()
             act = 1 if activation in TANH_GELUS and decode else 0
-            res = residual if (residual is not None and f32 and residual.dtype is torch.float32
-                               and residual.is_contiguous() and residual.shape == (*lead, self.out_features)) else None
+            res = residual if (residual is not None and f32
+                               and _kernel_residual(residual, (*lead, self.out_features))) else None
             y, fused = self._product(xf.contiguous(), lead, act, res, ln)  # float32, bias added
             if not fused:  # the fallbacks compute (M, out)
                 y = y.view(*lead, self.out_features)
@@ -133,17 +149,16 @@ class QuantizedProjection(nn.Module):
         out = (*lead, self.out_features)
         res = 0
         if residual is not None:
-            if residual.dtype is not torch.float32 or residual.shape != out or not residual.is_contiguous():
+            if not _kernel_residual(residual, out):
                 return None
             res = residual.data_ptr()
         ln_w = ln_b = 0
         eps = 0.0
         if norm is not None:
-            p = norm._parameters
-            ln_w, ln_b = p.get("weight"), p.get("bias")
-            if ln_w is None or ln_b is None or ln_w.dtype is not torch.float32 or ln_b.dtype is not torch.float32:
+            ln = _kernel_norm(norm, self.in_features)
+            if ln is None:
                 return None
-            ln_w, ln_b, eps = ln_w.data_ptr(), ln_b.data_ptr(), norm.eps
+            ln_w, ln_b, eps = ln[0].data_ptr(), ln[1].data_ptr(), ln[2]
         y = torch.empty(out)
         fn, static, names = k[0], k[1], k[2]
         rc = fn(x.data_ptr(), M, self.in_features, self.in_features, *static, y.data_ptr(), self.out_features, act, res,
