@@ -55,7 +55,8 @@ def _kernel_residual(residual, shape) -> bool:
 class QuantizedProjection(nn.Module):
     """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_fused(M)`: whether the fused
     kernel takes M rows, `_product(x, lead, act, res, ln) -> (y, fused)` for x (*lead, in) float32 contiguous on
-    the CPU: fused, y (*lead, out) from a fused kernel that layer-normed x first (ln: weight, bias, eps, or
+    the CPU (the fused branch: `_fused_product`, over the kernel and stored tensors `_kernel_spec(lib, bias)`
+    names): fused, y (*lead, out) from a fused kernel that layer-normed x first (ln: weight, bias, eps, or
     NO_NORM), applied act (1: tanh GELU) and added res itself; else y (M, out) (the fused kernels read and write
     those shapes as they are: in a decode step a reshape or view costs ~15 us with caches the weight streams
     have just evicted), and `dequantize() -> W [out, in]` for everything else."""
@@ -80,7 +81,8 @@ class QuantizedProjection(nn.Module):
         them, are done here, and in a decode step the fused kernels apply the layer norm in their prologue, the
         tanh GELU and the residual in their epilogue (each of those small ops costs ~20-45 us with the caches the
         weight stream has just evicted)."""
-        if in_decode():
+        decode = in_decode()
+        if decode:
             y = self._decode_call(x, activation, residual, norm)
             if y is not None:
                 return y
@@ -91,7 +93,6 @@ class QuantizedProjection(nn.Module):
         lead = x.shape[:-1]
         if x.device.type == "cpu":
             f32 = x.dtype is torch.float32
-            decode = in_decode()
             ln = NO_NORM
             if norm is not None:
                 fusable = _kernel_norm(norm, self.in_features) if decode and f32 and self._fused(math.prod(lead)) else None
@@ -122,7 +123,7 @@ class QuantizedProjection(nn.Module):
         if y.dtype is not x.dtype:
             y = y.to(x.dtype)
         if activation is not None:  # a config activation_function; a decode step's tanh GELU is one kernel
-            y = apply_activation(y, activation, one_kernel=in_decode())
+            y = apply_activation(y, activation, one_kernel=decode)
         return y if residual is None else y + residual
 
     def _decode_call(self, x, activation, residual, norm):
@@ -181,11 +182,20 @@ class QuantizedProjection(nn.Module):
         lib = native.library()
         on_cpu = all(t is None or t.device.type == "cpu" for t in [bias, *b.values()])
         if lib is not None and on_cpu and self._fused(1) and (bias is None or bias.dtype is torch.float32):
-            fn, static, names = self._kernel_spec(lib, bias.data_ptr() if bias is not None else 0)
+            fn, static, names = self._kernel_spec(lib, bias)
             k = (fn, tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in static), names,
                  b["weight"].data_ptr())
         self.__dict__["_kernel"] = k
         return k
+
+    def _fused_product(self, x, lead, act, res, ln):
+        """y (*lead, out) float32 from the fused kernel `_kernel_spec` names, the general path's call of it."""
+        fn, static, names = self._kernel_spec(native.library(), self._bias32())
+        y = torch.empty(*lead, self.out_features, dtype=torch.float32)
+        rc = native.call(fn, x, math.prod(lead), self.in_features, self.in_features, *static, y, self.out_features, act,
+                         res, *ln)
+        self.__dict__["last_kernel"] = names[rc]
+        return y
 
     def __setattr__(self, name, value):  # a buffer or the bias replaced: the cached addresses are stale
         self.__dict__.pop("_kernel", None)
@@ -288,13 +298,7 @@ class Linear4bit(QuantizedProjection):
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
         if self._fused(M):
-            y = torch.empty(*lead, self.out_features, dtype=torch.float32)
-            b = self._buffers
-            native.call(native.library().gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"],
-                        self.out_features, b["quant_map"], b["absmax"], None, self.blocksize, self._bias32(), y,
-                        self.out_features, act, res, *ln)
-            self.__dict__["last_kernel"] = "fused-lut4"
-            return y, True
+            return self._fused_product(x, lead, act, res, ln), True
         return self._dequantized_product(x.view(M, self.in_features)), False
 
     def checkpoint_entries(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -362,20 +366,14 @@ class LinearInt4(QuantizedProjection):
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
+        # status 1: at one row on a CPU with AVX512-VNNI, integer dot products over x split into three 7-bit pieces
         return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["code"], b["scales"], b["zeros"], self.group_size,
                                       bias), ("fused-lut4", "fused-int4-vnni"))
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
         if self._fused(M):
-            y = torch.empty(*lead, self.out_features, dtype=torch.float32)
-            b = self._buffers
-            rc = native.call(native.library().gpt2kit_lut4_mm, x, M, self.in_features, self.in_features, b["weight"],
-                             self.out_features, b["code"], b["scales"], b["zeros"], self.group_size, self._bias32(), y,
-                             self.out_features, act, res, *ln)
-            # at one row on a CPU with AVX512-VNNI, integer dot products over x split into three 7-bit pieces
-            self.__dict__["last_kernel"] = "fused-int4-vnni" if rc == 1 else "fused-lut4"
-            return y, True
+            return self._fused_product(x, lead, act, res, ln), True
         x2 = x.view(M, self.in_features)
         if native.library() is None and self.out_features % 16 == 0:  # PyTorch's packed int4 kernel wants N % 16 == 0
             return self._int4pack_product(x2), False
@@ -427,12 +425,7 @@ class Linear8bit(QuantizedProjection):
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
         if self._fused(M):
-            y = torch.empty(*lead, self.out_features, dtype=torch.float32)
-            b = self._buffers
-            native.call(native.library().gpt2kit_int8_mm, x, M, self.in_features, self.in_features, b["weight"],
-                        self.out_features, b["scale"], self._bias32(), y, self.out_features, act, res, *ln)
-            self.__dict__["last_kernel"] = "fused-int8"
-            return y, True
+            return self._fused_product(x, lead, act, res, ln), True
         from ..model import onednn
 
         x2 = x.view(M, self.in_features)
