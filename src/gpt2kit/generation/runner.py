@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..model.cache import DynamicCache, StaticCache
+from ..model.replay import DecodeReplay
 
 
 def decode_supported(model) -> bool:
@@ -40,13 +41,14 @@ class DecodeRunner:
         self.cache = StaticCache(model.config, max_batch_size=batch, max_cache_len=max_len, device=model.device,
                                  dtype=model.dtype, zero=False)
         self.keys = _KeyMask(batch, max_len, attention_mask, model.device)
+        self.replay = DecodeReplay()  # the steps' blocks as recorded kernel calls, where they are only those
 
     def prefill(self, input_ids, attention_mask, position_ids):  # (B, P) -> logits (B, V) for the next position
         return self.model.decode(input_ids, self.cache, position_ids=position_ids, key_mask=self.keys.mask)[:, -1]
 
     def step(self, tokens, positions):  # tokens, positions: (B,) -> logits (B, V)
         return self.model.decode(tokens[:, None], self.cache, position_ids=positions[:, None],
-                                 key_mask=self.keys.mask)[:, -1]
+                                 key_mask=self.keys.mask, replay=self.replay)[:, -1]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Only `rows` go on (finished rows leave the batch and the cache)."""

@@ -389,16 +389,22 @@ class GPT2Model(GPT2PreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def decode(self, input_ids, cache: StaticCache, rows=None, position_ids=None, key_mask=None, cache_position=None,
-               last: int | None = 1):
+               last: int | None = 1, replay=None):
         """The lean forward of generation and serving: (B, T) new tokens per row -> final hidden states
         (B, last or T, C). Each row writes its keys/values into its own slot of `cache` after what the slot
-        holds and attends over that slot only; see GPT2LMHeadModel.decode."""
+        holds and attends over that slot only; see GPT2LMHeadModel.decode. replay: a model.replay.DecodeReplay,
+        which runs the blocks as their recorded kernel calls where a step is only those."""
         B, T = input_ids.shape
         plan = cache.plan(T, rows, key_mask, cache_position)
         x = self._embed_planned(input_ids, plan, position_ids)  # (B, T, C)
         final = len(self.h) - 1
-        for i, block in enumerate(self.h):
-            x = block(x, cache=cache, plan=plan, last=last if i == final else None)[0]
+
+        def blocks(x):
+            for i, block in enumerate(self.h):
+                x = block(x, cache=cache, plan=plan, last=last if i == final else None)[0]
+            return x
+
+        x = blocks(x) if replay is None else replay.run(blocks, x, cache, plan, self.h)
         cache.commit(plan)
         return self.ln_f(x)
 

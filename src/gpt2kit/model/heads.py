@@ -43,7 +43,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     @torch.no_grad()
     def decode(self, input_ids, cache, rows=None, position_ids=None, logits_to_keep: int = 1, *, key_mask=None,
-               cache_position=None, rows_hint: int | None = None):
+               cache_position=None, rows_hint: int | None = None, replay=None):
         """The lean forward for generation and serving: no output objects, no flags, logits only where asked.
 
         input_ids: (B, T) token ids; cache: a StaticCache with at least B slots; rows: (B,) slot indices
@@ -52,12 +52,15 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         position_ids: (B, T), default each slot's length + 0..T-1. key_mask: (B, >= length after the write)
         0/1, the keys each row may see (a left-padded prompt's padding is 0). cache_position: (T,) device
         positions for a fixed-shape cache (CUDA graphs). rows_hint: the row count packed weights are laid out
-        for (default: by B; a server passes a fixed one so that batch-size changes do not repack).
+        for (default: by B; a server passes a fixed one so that batch-size changes do not repack). replay: a
+        model.replay.DecodeReplay the caller keeps from step to step: where a step's blocks are only gpt2kit's
+        kernels (quantized CPU decode), they are recorded once and replayed as bare kernel calls.
         Returns float32 logits (B, logits_to_keep, V) (logits_to_keep=0: all T) and advances the slots."""
         B, T = input_ids.shape
         keep = None if logits_to_keep == 0 else min(logits_to_keep, T)
         with self._decoding(B, B * T, rows_hint):
-            h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep)
+            h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, cache_position, last=keep,
+                                        replay=replay)
             return self.lm_head(h).float()  # (B, keep or T, V)
 
     def decode_parts(self, parts, cache, *, rows_hint: int | None = None) -> list[torch.Tensor]:

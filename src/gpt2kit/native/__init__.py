@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import torch
 
@@ -86,12 +87,33 @@ def _compile(cc: str, path: str) -> None:
             os.remove(tmp)
 
 
+class _Recording(threading.local):
+    """While model/replay.py records a decode step (this thread only): the kernel calls made, each as
+    (kernel, its arguments as ints, the tensors it was given), in order; None otherwise."""
+
+    calls = None
+
+
+RECORDING = _Recording()
+
+
+def record(fn, ints: tuple, tensors: tuple) -> None:
+    """Note a kernel call made outside `call` (the quantized modules' lean decode call) while recording."""
+    calls = RECORDING.calls
+    if calls is not None:
+        calls.append((fn, ints, tensors))
+
+
 def call(fn, *args) -> int:
     """fn(*args) with every tensor argument passed by its address. The tensors stay referenced (by `args`)
     until the kernel returns, so a temporary (a bias cast to float32) cannot be freed and its memory handed
     to the output first; plain ints rather than c_void_p objects (~0.5 us less each, ~300 a decode step).
     Returns the kernel's status (>= 0: which variant ran); a negative one (arguments it refuses) raises."""
-    rc = fn(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+    ints = tuple([a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+    rc = fn(*ints)
     if rc < 0:
         raise RuntimeError(f"gpt2kit kernel {getattr(fn, '__name__', fn)} refused its arguments (status {rc}).")
+    calls = RECORDING.calls
+    if calls is not None:
+        calls.append((fn, ints, tuple(a for a in args if isinstance(a, torch.Tensor))))
     return rc

@@ -162,10 +162,13 @@ class QuantizedProjection(nn.Module):
             ln_w, ln_b, eps = ln[0].data_ptr(), ln[1].data_ptr(), ln[2]
         y = torch.empty(out)
         fn, static, names = k[0], k[1], k[2]
-        rc = fn(x.data_ptr(), M, self.in_features, self.in_features, *static, y.data_ptr(), self.out_features, act, res,
+        args = (x.data_ptr(), M, self.in_features, self.in_features, *static, y.data_ptr(), self.out_features, act, res,
                 ln_w, ln_b, eps)
+        rc = fn(*args)
         if rc < 0:
             raise RuntimeError(f"gpt2kit kernel {fn.__name__} refused its arguments (status {rc}).")
+        if native.RECORDING.calls is not None:  # a decode step being recorded (model/replay.py)
+            native.record(fn, args, (x, y) + ((residual,) if res else ()) + ((ln[0], ln[1]) if ln_w else ()))
         d = self.__dict__
         d["last_call"] = "lean"
         d["last_kernel"] = names[rc]
