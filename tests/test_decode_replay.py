@@ -79,12 +79,27 @@ def test_generate_replays_its_steps(checkpoint, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_float_step_is_not_replayed(checkpoint):
+@needs_kernels
+def test_float32_batch1_steps_are_replayed(checkpoint):
+    """A float32 step of one row: every product is gpt2kit's float32 kernel (linear.NATIVE), so it replays."""
+    from gpt2kit.model import linear
+
     model = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
     replay = DecodeReplay()
     plain, replayed = steps(model, None), steps(model, replay)
+    assert replay.refused is None and replay.replays == 7 and len(replay.calls) == 2 * 5
+    assert model.transformer.h[1].mlp.c_fc.last_path == linear.NATIVE
+    for a, b in zip(plain, replayed):
+        assert torch.equal(a, b)
+
+
+def test_a_step_with_torch_ops_is_not_replayed(checkpoint):
+    """Three rows of float32 run oneDNN's or MKL's products (PyTorch ops): no replay, the same logits."""
+    model = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    replay = DecodeReplay()
+    plain, replayed = steps(model, None, 3, starts=(5, 9, 2)), steps(model, replay, 3, starts=(5, 9, 2))
     assert replay.replays == 0 and replay.calls is None
-    assert replay.refused.startswith("aten.")  # the first op that computes (a layer norm, a GEMM)
+    assert replay.refused.startswith("aten.") or replay.refused.startswith("mkldnn.")  # the first op that computes
     for a, b in zip(plain, replayed):
         assert torch.equal(a, b)
 

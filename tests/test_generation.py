@@ -226,10 +226,10 @@ def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
 
 @pytest.mark.parametrize("mkl_wins", [False, True])
 def test_packed_weights_follow_the_row_hint(sdpa_pair, monkeypatch, mkl_wins):
-    """Each projection owns one packed layout: a batch of 5 lays float32 weights out for 32 rows; batch 1 packs
-    for one row, or, where MKL's one-row product is the faster (Intel CPUs), runs addmm on the plain weight.
-    All give the same tokens."""
-    from gpt2kit import cpu
+    """Each projection owns one packed layout: a batch of 5 lays float32 weights out for 32 rows; batch 1 runs
+    gpt2kit's own kernel where it is built, else packs for one row, or, where MKL's one-row product is the faster
+    (Intel CPUs), runs addmm on the plain weight. All give the same tokens."""
+    from gpt2kit import cpu, native
     from gpt2kit.model import linear, onednn
 
     _, ours = sdpa_pair
@@ -243,7 +243,11 @@ def test_packed_weights_follow_the_row_hint(sdpa_pair, monkeypatch, mkl_wins):
     assert fc.last_path == linear.PACKED and fc.packed_weight[1] == 32
     rows = [ours.generate(ids[i:i + 1, int((mask[i] == 0).sum()):], max_new_tokens=10, pad_token_id=0)
             for i in range(ids.shape[0])]  # batch 1, unpadded
-    if mkl_wins:
+    if native.library() is not None:  # one row: gpt2kit's own float32 kernel, for the blocks and the head
+        assert fc.last_path == linear.NATIVE  # the prefill (9 rows, laid out for one) packed or ran addmm:
+        assert fc.packed_weight[1] == (32 if mkl_wins else 1)
+        assert ours.lm_head.last_path == linear.NATIVE
+    elif mkl_wins:
         assert fc.last_path == linear.ADDMM and fc.packed_weight[1] == 32  # not repacked
         assert ours.lm_head.last_path == linear.PACKED and ours.lm_head.packed_weight[1] == 1  # the head packs
     else:
@@ -325,9 +329,11 @@ def test_flash_attention_2_names_what_exists_here():
 
 
 def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
-    """On this machine's CPU, a batch-1 float32 decode runs the path cpu.mkl_gemv_wins names for the blocks:
-    MKL's addmm on an Intel CPU, oneDNN on packed weights elsewhere (measured in cpu.py); the head packs."""
-    from gpt2kit import cpu
+    """On this machine's CPU, a batch-1 float32 decode runs gpt2kit's own float32 kernel (native/dense.c) for
+    the blocks and the head where it is built (AVX-512 and a compiler); else the path cpu.mkl_gemv_wins names for
+    the blocks: MKL's addmm on an Intel CPU, oneDNN on packed weights elsewhere (measured in cpu.py), and the head
+    packs."""
+    from gpt2kit import cpu, native
     from gpt2kit.model import linear, onednn
 
     _, ours = sdpa_pair
@@ -335,8 +341,12 @@ def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
         pytest.skip("this torch build has no oneDNN linear")
     out = ours.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    want = linear.ADDMM if cpu.vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else linear.PACKED
-    assert ours.transformer.h[0].attn.c_attn.last_path == want and ours.lm_head.last_path == linear.PACKED
+    if native.library() is not None:
+        want = head = linear.NATIVE
+    else:
+        want = linear.ADDMM if cpu.vendor() == "GenuineIntel" and torch.backends.mkl.is_available() else linear.PACKED
+        head = linear.PACKED
+    assert ours.transformer.h[0].attn.c_attn.last_path == want and ours.lm_head.last_path == head
     with torch.no_grad():  # every step's logits against the plain forward (the decode's GELU is one kernel)
         ref = ours(out.sequences).logits[0, 2:-1]  # (5, V)
     torch.testing.assert_close(torch.cat(out.logits), ref, rtol=0, atol=1e-4)

@@ -8,6 +8,10 @@ decode step is running (see `decoding`) and what this CPU's oneDNN offers (onedn
 - PACKED:  the same on a copy of the weight packed once into oneDNN's blocked layout for a row-count hint
            (oneDNN re-lays a plain weight out on every call). Decode steps only: they repeat one product
            shape thousands of times.
+- NATIVE:  gpt2kit's own float32 kernel (native/dense.c) for a decode step of up to NATIVE_F32_MAX_ROWS rows, with
+           the block's layer norm, the tanh GELU and the residual add in the same call: reading the weight as fast
+           as MKL's one-row product, it saves the small ops around it, and makes the step only gpt2kit's kernels,
+           which model/replay.py then replays without the Python between them.
 - WIDENED: bfloat16 weights on a CPU without native bf16 products, where oneDNN's and ATen's bf16 GEMMs
            emulate bf16 and run 5-7x slower than float32 (measured on an AVX2 Zen 3: 4.1 against 29 tokens/s
            decoding GPT-2 small): computed from a packed float32 copy of the weight, output cast back to bf16.
@@ -17,6 +21,10 @@ decode step is running (see `decoding`) and what this CPU's oneDNN offers (onedn
            projection's weight gradient 208 against 130.
 
 Measured reasons for the thresholds (GPT-2 small's shapes, 2 threads):
+- NATIVE up to 2 rows: its kernel reads GPT-2 small's 48 block matrices at one row at 22.0 GB/s against MKL's
+  21.1, the head at 25-26 against 24-25 (a 2-core Xeon); a float32 decode step of 2 rows took 32.6 ms against
+  38.5 for oneDNN packed, but 46.2 against 43.8 at 4 rows and 59.1 against 49.8 at 8 (1.12x and 1.04x faster
+  only where the step is replayed, model/replay.py; a server's steps are not), 87 against 65 at 16.
 - float32 inference takes ONEDNN only from FUSED_F32_MIN_ROWS rows on (a prefill), where the fused epilogue
   pays; it sums in another order than addmm (~1e-6 relative), so shorter inputs keep the reference's bits.
 - bf16 inference with native bf16 always fuses: addmm plus the five-op GELU took 76 ms where the fused op took
@@ -38,10 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import onednn
-from .. import cpu
+from .. import cpu, native
 from ..errors import InvalidInputError
 
 ADDMM, ONEDNN, PACKED, WIDENED, TRAIN = "addmm", "onednn", "onednn-packed", "float32-copy", "onednn-train"
+NATIVE = "native-f32"
+NATIVE_F32_MAX_ROWS = 2  # rows up to which a float32 decode step takes NATIVE (see the thresholds below)
 FUSED_F32_MIN_ROWS = 256  # float32 inference fuses from a prefill's row count on (see above)
 UNPACKED_F32_MIN_ROWS = 4  # a decode without packed weights: oneDNN on the plain weight from this many rows
 
@@ -175,6 +185,8 @@ def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState |
         return PACKED if decode is not None and decode.pack else ONEDNN
     if dtype == torch.float32:
         if decode is not None:
+            if rows <= NATIVE_F32_MAX_ROWS and native.library() is not None:
+                return NATIVE  # as fast as MKL's product or oneDNN's packed one, and fused (see above)
             if decode.pack:  # a block's one-row product on an Intel CPU: MKL's is the faster (cpu.py); not
                 # the head's (50257 x 768 at one row on the Xeon: 7.1 ms packed against 8.0 in MKL). One row:
                 # a step of one (a server with one request) or a generation laid out for one (its prefill too)
@@ -228,13 +240,18 @@ class _PolicyLinear:
         given (the block's layer norm) and plus `residual` where given (the block's residual add): a quantized
         projection fuses both into its kernel. oneDNN's linear takes any leading dimensions itself, so the
         decode paths run no reshapes around it."""
+        params = self._parameters  # not through nn.Module.__getattr__: this runs 49 times a GPT-2 small step
+        w = params["weight"]
+        path = path or choose_path(x, w)
+        if path == NATIVE:
+            y = self._native(x, w, params["bias"], activation, residual, norm)
+            if y is not None:
+                return y
+            path = ADDMM  # an input or weight the kernel does not take
         if norm is not None:
             x = norm(x)
         if residual is not None:
             return self._run(x, activation, path) + residual
-        params = self._parameters  # not through nn.Module.__getattr__: this runs 49 times a GPT-2 small step
-        w = params["weight"]
-        path = path or choose_path(x, w)
         self.__dict__["last_path"] = path  # past nn.Module.__setattr__ (~10 us a call)
         fused = FUSABLE.get(activation, _NOT_FUSED) if activation is not None else _UNFUSED
         if path == PACKED:  # first: the path of every decode step
@@ -258,6 +275,35 @@ class _PolicyLinear:
             packed, bias = self._packed(state.rows_hint if state else 1, widen=True)
             y = _linear_pointwise(x.float(), packed, bias, fused[0], [], fused[1]).to(x.dtype)
         return y if fused is not _NOT_FUSED else apply_activation(y, activation)
+
+    _layout = 0  # the weight's layout for native/dense.c: 0 [in, out] (Conv1D), 1 [out, in] (nn.Linear)
+
+    def _native(self, x, w, bias, activation, residual, norm):
+        """NATIVE: act(norm(x) @ W + b) + residual in one call of gpt2kit_f32_mm, the norm, act and residual where
+        its prologue and epilogue take them (else applied around it); None where the kernel does not take x or W."""
+        K = x.shape[-1]
+        M = x.numel() // K if K else 0
+        if (x.dtype is not torch.float32 or w.dtype is not torch.float32 or not x.is_cpu or not w.is_cpu
+                or not x.is_contiguous() or not w.is_contiguous() or M < 1 or M > NATIVE_F32_MAX_ROWS
+                or K != w.shape[self._layout] or (bias is not None and bias.dtype is not torch.float32)):
+            return None
+        N = w.shape[1 - self._layout]
+        ln = native.NO_NORM
+        if norm is not None:
+            ln = native.kernel_norm(norm, K) if K % 16 == 0 else None
+            if ln is None:
+                x, ln = norm(x).contiguous(), native.NO_NORM
+        act = 1 if activation in TANH_GELUS else 0
+        later = activation if activation is not None and not act else None  # an activation the kernel lacks
+        shape = (*x.shape[:-1], N)
+        res = residual if residual is not None and later is None and native.kernel_residual(residual, shape) else None
+        y = torch.empty(shape, dtype=torch.float32)
+        native.call(native.library().gpt2kit_f32_mm, x, M, K, K, w, N, self._layout, bias, y, N, act, res, *ln)
+        self.__dict__["last_path"] = NATIVE
+        if later is not None:
+            y = apply_activation(y, later, one_kernel=True)
+        return y if residual is None or res is not None else y + residual
+
 
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise
 _UNFUSED = ("none", "")  # no activation
@@ -298,6 +344,8 @@ class Projection(_PolicyLinear, nn.Module):
 class LMHead(_PolicyLinear, nn.Linear):
     """The language-modelling head: an nn.Linear ([vocab, n_embd], tied to the token embedding), whose
     products follow the same policy as the blocks' (a packed copy during decode steps)."""
+
+    _layout = 1
 
     def _weight_in_out(self):
         return self.weight.t()

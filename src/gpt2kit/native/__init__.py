@@ -1,6 +1,7 @@
 """gpt2kit's own CPU kernels, built and loaded for this CPU once per machine: quantized.c (the fused
-dequantize-and-multiply products of quantized projections) and attention.c (a decode step's attention: the new
-keys written, one query per row), one library.
+dequantize-and-multiply products of quantized projections), dense.c (float32 products of decode steps) and
+attention.c (a decode step's attention: the new keys written, one query per row), one library; rows.h holds the
+layer norm and epilogue the products share.
 
 The library is compiled with the system C compiler (`cc`, or $CC) at first use, for the CPU it runs on
 (-march=native), into ~/.cache/gpt2kit/kernels (or $GPT2KIT_CACHE) under a name that hashes the source,
@@ -26,8 +27,8 @@ from ..cpu import cpu_flags
 
 logger = logging.getLogger("gpt2kit.native")
 
-SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("quantized.c", "attention.c")]
-HEADERS = [os.path.join(os.path.dirname(__file__), "vecmath.h")]  # part of the source hash
+SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("quantized.c", "dense.c", "attention.c")]
+HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("vecmath.h", "rows.h")]  # part of the source hash
 
 
 def _cache_dir() -> str:
@@ -67,9 +68,11 @@ def library():
     lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, i64, p, p, p, f32]
     lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p]
     lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, i64, p, p, p, f32]
+    lib.gpt2kit_f32_mm.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, i64, i64, p, p, p, f32]
     lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
                                              i64]
-    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_decode_attention):
+    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
+               lib.gpt2kit_decode_attention):
         fn.restype = ctypes.c_int
     return lib
 
@@ -85,6 +88,26 @@ def _compile(cc: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+NO_NORM = (None, None, 0.0)  # the product kernels' layer-norm arguments (weight, bias, eps) when there is none
+
+
+def kernel_norm(norm, in_features: int):
+    """(weight, bias, eps) of a layer norm the product kernels can apply in their prologue (float32 CPU affine, over
+    the input's features), else None: the caller applies it first."""
+    p = norm._parameters
+    w, b = p.get("weight"), p.get("bias")
+    if (w is None or b is None or w.dtype is not torch.float32 or b.dtype is not torch.float32 or not w.is_cpu
+            or not b.is_cpu or w.numel() != in_features):
+        return None
+    return w, b, norm.eps
+
+
+def kernel_residual(residual, shape) -> bool:
+    """Whether the product kernels' epilogue can add this residual to an output of `shape`."""
+    return (residual.dtype is torch.float32 and residual.is_cpu and residual.shape == shape
+            and residual.is_contiguous())
 
 
 class _Recording(threading.local):

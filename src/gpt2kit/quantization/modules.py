@@ -32,24 +32,7 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run (native/quantized.c M
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
-NO_NORM = (None, None, 0.0)  # the fused kernels' layer-norm arguments (weight, bias, eps) when there is none
-
-
-def _kernel_norm(norm, in_features: int):
-    """(weight, bias, eps) of a layer norm the fused kernels can apply (float32 CPU affine, over the input's
-    features), else None: the caller applies it first."""
-    p = norm._parameters
-    w, b = p.get("weight"), p.get("bias")
-    if (w is None or b is None or w.dtype is not torch.float32 or b.dtype is not torch.float32 or not w.is_cpu
-            or not b.is_cpu or w.numel() != in_features):
-        return None
-    return w, b, norm.eps
-
-
-def _kernel_residual(residual, shape) -> bool:
-    """Whether the fused kernels' epilogue can add this residual to an output of `shape`."""
-    return (residual.dtype is torch.float32 and residual.is_cpu and residual.shape == shape
-            and residual.is_contiguous())
+NO_NORM = native.NO_NORM
 
 
 class QuantizedProjection(nn.Module):
@@ -95,7 +78,7 @@ class QuantizedProjection(nn.Module):
             f32 = x.dtype is torch.float32
             ln = NO_NORM
             if norm is not None:
-                fusable = _kernel_norm(norm, self.in_features) if decode and f32 and self._fused(math.prod(lead)) else None
+                fusable = native.kernel_norm(norm, self.in_features) if decode and f32 and self._fused(math.prod(lead)) else None
                 if fusable is not None:
                     ln = fusable
                 else:
@@ -103,7 +86,7 @@ class QuantizedProjection(nn.Module):
             xf = x if f32 else x.float()
             act = 1 if activation in TANH_GELUS and decode else 0
             res = residual if (residual is not None and f32
-                               and _kernel_residual(residual, (*lead, self.out_features))) else None
+                               and native.kernel_residual(residual, (*lead, self.out_features))) else None
             y, fused = self._product(xf.contiguous(), lead, act, res, ln)  # float32, bias added
             if not fused:  # the fallbacks compute (M, out)
                 y = y.view(*lead, self.out_features)
@@ -150,13 +133,13 @@ class QuantizedProjection(nn.Module):
         out = (*lead, self.out_features)
         res = 0
         if residual is not None:
-            if not _kernel_residual(residual, out):
+            if not native.kernel_residual(residual, out):
                 return None
             res = residual.data_ptr()
         ln_w = ln_b = 0
         eps = 0.0
         if norm is not None:
-            ln = _kernel_norm(norm, self.in_features)
+            ln = native.kernel_norm(norm, self.in_features)
             if ln is None:
                 return None
             ln_w, ln_b, eps = ln[0].data_ptr(), ln[1].data_ptr(), ln[2]

@@ -1,0 +1,154 @@
+/* gpt2kit's float32 products for decode steps and small batches (M <= 16 input rows), where a product is bound by
+ * reading W from memory (4 bytes a weight) and the ops around it (the block's layer norm before, its GELU and
+ * residual add after: rows.h) cost as much as their arithmetic is worth:
+ *     y[M, N] = ln(x)[M, K] @ W + bias, then act and + residual,
+ * W in either layout: [K, N] (GPT-2's Conv1D, the blocks' projections) or [N, K] (nn.Linear: the tied head).
+ * Summed in another order than MKL's (within ~1e-6 relative), as oneDNN's packed products are.
+ * Built with quantized.c and attention.c into one library (native/__init__.py). */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "rows.h"
+
+#define DENSE_MAX_M 16
+/* [N, K] rows ahead to prefetch at one input row (four rows a step): one row is 3 KB for GPT-2 small's head, too
+ * short for the hardware prefetcher to ramp up on four read side by side (as in quantized.c) */
+#define DENSE_PREFETCH_ROWS 16
+
+/* [K, N]: the rows of W are cut into chunks of KN_CHUNK rows, each read as one contiguous stream (column blocks would
+ * jump N * 4 bytes every row, a new page each step, which the hardware prefetcher does not follow), four rows at a
+ * time into the chunk's own partial sums (M, N) (in L1/L2: one load and store of them per four weights); the chunks'
+ * sums are added in chunk order at the end, so the result does not depend on which thread ran which chunk. */
+#ifndef KN_CHUNK
+#define KN_CHUNK 64
+#endif
+#ifndef KN_AHEAD
+#define KN_AHEAD 8  /* rows ahead prefetched (two groups of four) */
+#endif
+static void kn_chunk(const float *x, int64_t M, int64_t ldx, const float *w, int64_t N, int64_t Np, int64_t k0,
+                     int64_t k1, float *p) {
+    memset(p, 0, (size_t)(M * Np) * sizeof(float));
+    for (int64_t k = k0; k < k1;) {
+        const int R = k1 - k >= 4 ? 4 : 1;  /* a tail of K % 4 rows goes one by one */
+        const float *w0 = w + k * N;
+        for (int64_t n = 0; n < N; n += 16) {
+            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            if (R == 4) {
+#if KN_AHEAD
+                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w0 + (KN_AHEAD + r) * N + n), _MM_HINT_T0);
+#endif
+                const __m512 a = _mm512_maskz_loadu_ps(live, w0 + n), b = _mm512_maskz_loadu_ps(live, w0 + N + n),
+                             c = _mm512_maskz_loadu_ps(live, w0 + 2 * N + n), d = _mm512_maskz_loadu_ps(live, w0 + 3 * N + n);
+                for (int64_t m = 0; m < M; m++) {
+                    const float *xm = x + m * ldx + k;
+                    __m512 acc = _mm512_load_ps(p + m * Np + n);
+                    acc = _mm512_fmadd_ps(a, _mm512_set1_ps(xm[0]), acc);
+                    acc = _mm512_fmadd_ps(b, _mm512_set1_ps(xm[1]), acc);
+                    acc = _mm512_fmadd_ps(c, _mm512_set1_ps(xm[2]), acc);
+                    acc = _mm512_fmadd_ps(d, _mm512_set1_ps(xm[3]), acc);
+                    _mm512_store_ps(p + m * Np + n, acc);
+                }
+            } else {
+                const __m512 a = _mm512_maskz_loadu_ps(live, w0 + n);
+                for (int64_t m = 0; m < M; m++) {
+                    const __m512 acc = _mm512_load_ps(p + m * Np + n);
+                    _mm512_store_ps(p + m * Np + n, _mm512_fmadd_ps(a, _mm512_set1_ps(x[m * ldx + k]), acc));
+                }
+            }
+        }
+        k += R;
+    }
+}
+
+static void kn_product(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, int64_t N, const float *bias,
+                       float *y, int64_t ldy) {
+    const int64_t Np = (N + 15) / 16 * 16, part_len = M * Np, chunks = (K + KN_CHUNK - 1) / KN_CHUNK;
+    float *part = (float *)aligned_alloc(64, (size_t)(chunks * part_len) * sizeof(float));
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; c++)
+        kn_chunk(x, M, ldx, w, N, Np, c * KN_CHUNK, (c + 1) * KN_CHUNK < K ? (c + 1) * KN_CHUNK : K, part + c * part_len);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n += 16) {
+            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            __m512 s = _mm512_load_ps(part + m * Np + n);
+            for (int64_t c = 1; c < chunks; c++) s = _mm512_add_ps(s, _mm512_load_ps(part + c * part_len + m * Np + n));
+            if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(live, bias + n));
+            _mm512_mask_storeu_ps(y + m * ldy + n, live, s);
+        }
+    free(part);
+}
+
+/* [N, K], one input row: four output rows at once (four independent FMA chains share each load of x) */
+static inline void nk_rows4_m1(const float *x, int64_t K, const float *w, const float *bias, int64_t n, float *y) {
+    const float *r0 = w + n * K;
+    __m512 a[4];
+    for (int r = 0; r < 4; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        for (int r = 0; r < 4; r++) {
+            _mm_prefetch((const char *)(r0 + (DENSE_PREFETCH_ROWS + r) * K + k), _MM_HINT_T0);
+            a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, r0 + r * K + k), _mm512_maskz_loadu_ps(live, x + k), a[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(a[r]) + (bias ? bias[n + r] : 0.0f);
+}
+
+/* [N, K], output row n for MM input rows */
+static inline __attribute__((always_inline)) void nk_row(const float *x, int64_t ldx, int64_t K, const float *row,
+                                                         float b0, float *y, int64_t ldy, const int MM) {
+    __m512 acc[4];
+    for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        const __m512 wv = _mm512_maskz_loadu_ps(live, row + k);
+        for (int m = 0; m < MM; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(live, x + m * ldx + k), acc[m]);
+    }
+    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + b0;
+}
+
+static void nk_product(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, int64_t N, const float *bias,
+                       float *y, int64_t ldy) {
+    if (M == 1) {
+        const int64_t N4 = N / 4 * 4;
+        #pragma omp parallel for schedule(guided, 4)
+        for (int64_t n = 0; n < N4; n += 4) nk_rows4_m1(x, K, w, bias, n, y);
+        for (int64_t n = N4; n < N; n++) nk_row(x, ldx, K, w + n * K, bias ? bias[n] : 0.0f, y + n, ldy, 1);
+        return;
+    }
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t n = 0; n < N; n++) {
+        const float b0 = bias ? bias[n] : 0.0f;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const float *xm = x + m0 * ldx;
+            float *ym = y + m0 * ldy + n;
+            switch (M - m0 >= 4 ? 4 : M - m0) {
+                case 1: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 1); break;
+                case 2: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 2); break;
+                case 3: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 3); break;
+                default: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 4); break;
+            }
+        }
+    }
+}
+
+/* x (M, K) rows ldx apart; w: [K, N] (layout 0) or [N, K] (layout 1); bias (N,) or NULL; y (M, N) rows ldy apart;
+ * ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none; K % 16 == 0); act (1: tanh GELU), residual
+ * (M, N) rows ldy apart or NULL: the epilogue's. Returns 0, or -1 for arguments it refuses. */
+int gpt2kit_f32_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, int64_t N, int64_t layout,
+                   const float *bias, float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w,
+                   const float *ln_b, float eps) {
+    if (M < 1 || M > DENSE_MAX_M || K < 1 || N < 1 || (layout != 0 && layout != 1) || (ln_w && K % 16)) return -1;
+    float *normed = NULL;
+    if (ln_w) {
+        normed = alloc_rows(M, K);
+        layer_norm_rows(x, M, K, ldx, ln_w, ln_b, eps, normed);
+        x = normed, ldx = K;
+    }
+    if (layout == 0) kn_product(x, M, K, ldx, w, N, bias, y, ldy);
+    else nk_product(x, M, K, ldx, w, N, bias, y, ldy);
+    free(normed);
+    epilogue(y, M, N, ldy, act, residual);
+    return 0;
+}
