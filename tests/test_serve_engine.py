@@ -3,6 +3,7 @@ aborts, a failing request that leaves the others alone; and the text layer (UTF-
 import pytest
 import torch
 
+from gpt2kit import native
 from gpt2kit.loading import load_model_and_tokenizer
 from gpt2kit.serving.sampling import RowSampler, SamplingParams, sample_rows
 from gpt2kit.serving.scheduler import ChoiceUpdate, Engine, EngineRequest, Failed, PromptDone
@@ -124,6 +125,8 @@ def test_a_quantized_model_serves_what_it_generates_alone(quantize, embeddings):
     run_until(engine, lambda: all(c.finished() for c in clients))
     assert engine.mixed_forwards > 0
     assert len(quantized_modules(model)) >= 4 * model.config.n_layer
+    if native.library() is not None:  # steps of decoding rows only are only gpt2kit's kernels: they replay
+        assert engine.replay.replays > 0 and engine.replay.refused is None
     for c, p in zip(clients, prompts):
         assert c.tokens() == generate_alone(model, p, 10)
 

@@ -63,16 +63,17 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                                         replay=replay)
             return self.lm_head(h).float()  # (B, keep or T, V)
 
-    def decode_parts(self, parts, cache, *, rows_hint: int | None = None) -> list[torch.Tensor]:
+    def decode_parts(self, parts, cache, *, rows_hint: int | None = None, replay=None) -> list[torch.Tensor]:
         """`decode` for several groups of rows with different token counts in one forward (a server step:
         its decoding rows, T=1, beside a prompt chunk): the weights are read once for all of them.
 
         parts: [(input_ids (B_i, T_i), rows (B_i,), logits_to_keep_i)] on disjoint slots of `cache`; each
         row appends after what its slot holds, as in `decode`. Returns the float32 logits of each part,
-        (B_i, logits_to_keep_i or T_i, V), equal to `decode` run on each part alone."""
+        (B_i, logits_to_keep_i or T_i, V), equal to `decode` run on each part alone. replay: as in `decode`, for a
+        step of one part."""
         if len(parts) == 1:
             ids, rows, keep = parts[0]
-            return [self.decode(ids, cache, rows=rows, logits_to_keep=keep, rows_hint=rows_hint)]
+            return [self.decode(ids, cache, rows=rows, logits_to_keep=keep, rows_hint=rows_hint, replay=replay)]
         sizes = [(ids.shape[0], ids.shape[1] if keep == 0 else min(keep, ids.shape[1])) for ids, _, keep in parts]
         tokens = sum(ids.numel() for ids, _, _ in parts)
         with self._decoding(sum(b for b, _ in sizes), tokens, rows_hint):

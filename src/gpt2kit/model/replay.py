@@ -57,17 +57,34 @@ class _KernelsOnly(TorchDispatchMode):
         return out
 
 
-class DecodeReplay:
-    """Holds one recorded step (for one runner: generate()'s). `run(blocks, x, cache, plan, modules)` returns
-    blocks(x), replayed where it can be. `replays` counts the steps replayed; `refused` says why a step
-    could not be recorded (the op, or the tensor)."""
+class _Recorded:
+    """One recorded step: its kernel calls and the tensors their addresses belong to (held, so that no address is
+    freed and reused while the recording may replay; the cache buffers too, whose ids are part of the key)."""
 
-    def __init__(self):
-        self.key = None  # what the recorded step was recorded for
-        self.calls = None  # [(kernel, int arguments)]
+    def __init__(self, calls, made, x, plan, out, cache):
+        self.calls = [(fn, ints) for fn, ints, _ in calls]  # [(kernel, int arguments)]
+        self.made, self.x, self.out = made, x, out
+        self.key_counts, self.slot_ids = plan.key_counts, plan.slot_ids
+        self.buffers = (*cache.key_cache, *cache.value_cache)
+
+
+class DecodeReplay:
+    """Recorded steps for one caller (generate()'s runner, a server's engine), up to `limit` shapes (a server's
+    batch sizes). `run(blocks, x, cache, plan, modules)` returns blocks(x), replayed where it can be. `replays`
+    counts the steps replayed; `refused` says why the latest step that could not be recorded was not (the op,
+    or the tensor)."""
+
+    def __init__(self, limit: int = 1):
+        self.limit = limit
+        self.recordings: dict = {}  # key -> _Recorded, oldest first
+        self.refused_keys: set = set()
         self.refused: str | None = None
-        self.refused_key = None
         self.replays = 0
+
+    @property
+    def calls(self):
+        """The newest recording's kernel calls (None: nothing recorded)."""
+        return next(reversed(self.recordings.values())).calls if self.recordings else None
 
     @staticmethod
     def _key(x, cache, plan):
@@ -78,21 +95,22 @@ class DecodeReplay:
 
     def run(self, blocks, x, cache, plan, modules):
         key = self._key(x, cache, plan)
-        if key is None or key == self.refused_key:
+        if key is None or key in self.refused_keys:
             return blocks(x)
-        if key == self.key:
-            return self._replay(x, plan)
+        rec = self.recordings.get(key)
+        if rec is not None:
+            return self._replay(rec, x, plan)
         return self._record(blocks, x, cache, plan, modules, key)
 
-    def _replay(self, x, plan):
-        self.x.copy_(x)
-        self.key_counts.copy_(plan.key_counts)
-        self.slot_ids.copy_(plan.slot_ids)
-        for fn, args in self.calls:
+    def _replay(self, rec, x, plan):
+        rec.x.copy_(x)
+        rec.key_counts.copy_(plan.key_counts)
+        rec.slot_ids.copy_(plan.slot_ids)
+        for fn, args in rec.calls:
             if fn(*args) < 0:
                 raise RuntimeError(f"gpt2kit kernel {fn.__name__} refused its recorded arguments.")
         self.replays += 1
-        return self.out
+        return rec.out
 
     def _record(self, blocks, x, cache, plan, modules, key):
         mode, calls = _KernelsOnly(), []
@@ -113,9 +131,12 @@ class DecodeReplay:
             elif _storage(out) not in {_storage(t) for t in mode.made}:
                 why = "the step's output is not a recorded buffer"
         if why is not None:
-            self.refused, self.refused_key = why, key
+            self.refused = why
+            if len(self.refused_keys) >= 64:
+                self.refused_keys.clear()
+            self.refused_keys.add(key)
             return out
-        self.key, self.calls, self.made = key, [(fn, ints) for fn, ints, _ in calls], mode.made
-        self.x, self.key_counts, self.slot_ids, self.out = x, plan.key_counts, plan.slot_ids, out
-        self.refused = None
+        if len(self.recordings) >= self.limit:
+            del self.recordings[next(iter(self.recordings))]  # the oldest: its buffers and the cache's it held go
+        self.recordings[key] = _Recorded(calls, mode.made, x, plan, out, cache)
         return out

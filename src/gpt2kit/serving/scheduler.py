@@ -27,6 +27,7 @@ import torch
 
 from ..model import linear
 from ..model.cache import StaticCache
+from ..model.replay import DecodeReplay
 from .sampling import RowSampler, SamplingParams, sample_rows
 from .stop import IncrementalDetokenizer, StopMatcher
 
@@ -124,7 +125,10 @@ class Engine:
         # one fixed packing layout for every batch size, so that rows joining or leaving never repack weights
         hint = linear.pack_rows_hint(model.dtype, max_num_seqs)
         self.cache = StaticCache(cfg, max_num_seqs, max_model_len, device=self.device, dtype=model.dtype)
-        self._decode_parts = lambda parts: model.decode_parts(parts, self.cache, rows_hint=hint)
+        # steps of decoding rows only, where they are only gpt2kit's kernels (quantized, or float32 at 1-2 rows),
+        # replay as recorded kernel calls (model/replay.py), a recording per batch size
+        self.replay = DecodeReplay(limit=min(max_num_seqs, 16))
+        self._decode_parts = lambda parts: model.decode_parts(parts, self.cache, rows_hint=hint, replay=self.replay)
         self.mixed_forwards = 0  # forwards that carried decoding rows and prompt tokens together
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each slot's cache holds
         self.free: dict[int, float] = {s: 0.0 for s in range(max_num_seqs)}  # free slot -> when freed (LRU)
