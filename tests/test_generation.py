@@ -199,28 +199,34 @@ def test_default_length_and_argument_errors(sdpa_pair):
         ours.generate(ids, stop_strings=["x"], max_new_tokens=2)
 
 
-def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair):
-    """bf16 weights: the decode entry (oneDNN-packed weights, or a float32 copy on a CPU without native bf16)
-    gives the tokens of the plain model forward, and the packed copies follow in-place weight edits."""
+@pytest.mark.parametrize("batch", [3, 6])
+def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair, batch):
+    """bf16 weights: the decode entry (gpt2kit's widening kernel up to 4 rows where it is built; else oneDNN-packed
+    weights, or a float32 copy on a CPU without native bf16) gives the tokens of the plain model forward, and the
+    packed copies follow in-place weight edits."""
+    from gpt2kit import native
     from gpt2kit.model import linear, onednn
 
     _, ours = sdpa_pair
-    ids, mask = prompts()
+    ids, mask = prompts(batch=batch)
     m16 = GPT2LMHeadModel(ours.config).eval()
     m16.load_state_dict(ours.state_dict())
     m16.to(torch.bfloat16)
     fast = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0)
     proj = m16.transformer.h[0].attn.c_attn
-    if onednn.linear_available():
+    kernel = native.library() is not None and batch <= linear.NATIVE_MAX_ROWS[torch.bfloat16]
+    if kernel:
+        assert proj.last_path == linear.NATIVE and m16.lm_head.last_path == linear.NATIVE
+    elif onednn.linear_available():
         assert proj.last_path == (linear.PACKED if onednn.bf16_available() else linear.WIDENED)
         assert m16.lm_head.last_path == proj.last_path
     plain = m16.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cache_implementation="dynamic")
     assert torch.equal(fast, plain)
-    if onednn.linear_available():
+    if onednn.linear_available() and not kernel:
         packed = m16.lm_head.packed_weight[0]
         with torch.no_grad():
             m16.lm_head.weight.mul_(1.5)  # bumps the version: the next decode repacks
-        m16.generate(ids[:1], max_new_tokens=2, pad_token_id=0)
+        m16.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
         assert m16.lm_head.packed_weight[0] is not packed
 
 

@@ -8,10 +8,11 @@ decode step is running (see `decoding`) and what this CPU's oneDNN offers (onedn
 - PACKED:  the same on a copy of the weight packed once into oneDNN's blocked layout for a row-count hint
            (oneDNN re-lays a plain weight out on every call). Decode steps only: they repeat one product
            shape thousands of times.
-- NATIVE:  gpt2kit's own float32 kernel (native/dense.c) for a decode step of up to NATIVE_F32_MAX_ROWS rows, with
-           the block's layer norm, the tanh GELU and the residual add in the same call: reading the weight as fast
-           as MKL's one-row product, it saves the small ops around it, and makes the step only gpt2kit's kernels,
-           which model/replay.py then replays without the Python between them.
+- NATIVE:  gpt2kit's own float32 / bfloat16 kernel (native/dense.c) for a decode step of up to NATIVE_MAX_ROWS
+           rows (by dtype), with the block's layer norm, the tanh GELU and the residual add in the same call: reading the
+           weight as fast as MKL's one-row product, it saves the small ops around it, and makes the step only
+           gpt2kit's kernels, which model/replay.py then replays without the Python between them. bfloat16
+           weights are widened to float32 in registers (any AVX-512 CPU, native bf16 or not).
 - WIDENED: bfloat16 weights on a CPU without native bf16 products, where oneDNN's and ATen's bf16 GEMMs
            emulate bf16 and run 5-7x slower than float32 (measured on an AVX2 Zen 3: 4.1 against 29 tokens/s
            decoding GPT-2 small): computed from a packed float32 copy of the weight, output cast back to bf16.
@@ -24,7 +25,10 @@ Measured reasons for the thresholds (GPT-2 small's shapes, 2 threads):
 - NATIVE up to 2 rows: its kernel reads GPT-2 small's 48 block matrices at one row at 22.0 GB/s against MKL's
   21.1, the head at 25-26 against 24-25 (a 2-core Xeon); a float32 decode step of 2 rows took 32.6 ms against
   38.5 for oneDNN packed, but 46.2 against 43.8 at 4 rows and 59.1 against 49.8 at 8 (1.12x and 1.04x faster
-  only where the step is replayed, model/replay.py; a server's steps are not), 87 against 65 at 16.
+  only where the step is replayed, model/replay.py), 87 against 65 at 16. bfloat16 up to 4 rows: oneDNN's packed
+  bf16 product decodes slowly at few rows even with native bf16 (a step of GPT-2 small on the Xeon, AVX512-BF16:
+  45.6 / 41.7 / 42.6 / 46.6 ms at 1 / 2 / 4 / 8 rows against 22.0 / 25.9 / 39.9 / 60.5 in the widening kernel,
+  not replayed), where float32 took 25-28 ms at one row.
 - float32 inference takes ONEDNN only from FUSED_F32_MIN_ROWS rows on (a prefill), where the fused epilogue
   pays; it sums in another order than addmm (~1e-6 relative), so shorter inputs keep the reference's bits.
 - bf16 inference with native bf16 always fuses: addmm plus the five-op GELU took 76 ms where the fused op took
@@ -50,8 +54,9 @@ from .. import cpu, native
 from ..errors import InvalidInputError
 
 ADDMM, ONEDNN, PACKED, WIDENED, TRAIN = "addmm", "onednn", "onednn-packed", "float32-copy", "onednn-train"
-NATIVE = "native-f32"
-NATIVE_F32_MAX_ROWS = 2  # rows up to which a float32 decode step takes NATIVE (see the thresholds below)
+NATIVE = "native"
+# rows up to which a decode step takes NATIVE, by dtype (see the thresholds below)
+NATIVE_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 4}
 FUSED_F32_MIN_ROWS = 256  # float32 inference fuses from a prefill's row count on (see above)
 UNPACKED_F32_MIN_ROWS = 4  # a decode without packed weights: oneDNN on the plain weight from this many rows
 
@@ -180,12 +185,14 @@ def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState |
             return TRAIN
         return ADDMM
     if dtype == torch.bfloat16:
+        if decode is not None and rows <= NATIVE_MAX_ROWS[dtype] and native.library() is not None:
+            return NATIVE
         if not onednn.bf16_available():
             return WIDENED
         return PACKED if decode is not None and decode.pack else ONEDNN
     if dtype == torch.float32:
         if decode is not None:
-            if rows <= NATIVE_F32_MAX_ROWS and native.library() is not None:
+            if rows <= NATIVE_MAX_ROWS[dtype] and native.library() is not None:
                 return NATIVE  # as fast as MKL's product or oneDNN's packed one, and fused (see above)
             if decode.pack:  # a block's one-row product on an Intel CPU: MKL's is the faster (cpu.py); not
                 # the head's (50257 x 768 at one row on the Xeon: 7.1 ms packed against 8.0 in MKL). One row:
@@ -283,28 +290,33 @@ class _PolicyLinear:
         its prologue and epilogue take them (else applied around it); None where the kernel does not take x or W."""
         K = x.shape[-1]
         M = x.numel() // K if K else 0
-        if (x.dtype is not torch.float32 or w.dtype is not torch.float32 or not x.is_cpu or not w.is_cpu
-                or not x.is_contiguous() or not w.is_contiguous() or M < 1 or M > NATIVE_F32_MAX_ROWS
-                or K != w.shape[self._layout] or (bias is not None and bias.dtype is not torch.float32)):
+        dt = x.dtype
+        if (dt not in _NATIVE_DTYPES or w.dtype is not dt or not x.is_cpu or not w.is_cpu or not x.is_contiguous()
+                or not w.is_contiguous() or M < 1 or M > NATIVE_MAX_ROWS[dt] or K != w.shape[self._layout]
+                or (bias is not None and bias.dtype is not dt)):
             return None
         N = w.shape[1 - self._layout]
         ln = native.NO_NORM
         if norm is not None:
-            ln = native.kernel_norm(norm, K) if K % 16 == 0 else None
+            ln = native.kernel_norm(norm, K, dt) if K % 16 == 0 else None
             if ln is None:
                 x, ln = norm(x).contiguous(), native.NO_NORM
         act = 1 if activation in TANH_GELUS else 0
         later = activation if activation is not None and not act else None  # an activation the kernel lacks
         shape = (*x.shape[:-1], N)
-        res = residual if residual is not None and later is None and native.kernel_residual(residual, shape) else None
-        y = torch.empty(shape, dtype=torch.float32)
-        native.call(native.library().gpt2kit_f32_mm, x, M, K, K, w, N, self._layout, bias, y, N, act, res, *ln)
+        res = (residual if residual is not None and later is None and native.kernel_residual(residual, shape, dt)
+               else None)
+        y = torch.empty(shape, dtype=dt)
+        lib = native.library()
+        fn = lib.gpt2kit_f32_mm if dt is torch.float32 else lib.gpt2kit_bf16_mm
+        native.call(fn, x, M, K, K, w, N, self._layout, bias, y, N, act, res, *ln)
         self.__dict__["last_path"] = NATIVE
         if later is not None:
             y = apply_activation(y, later, one_kernel=True)
         return y if residual is None or res is not None else y + residual
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise
 _UNFUSED = ("none", "")  # no activation
 _NOT_FUSED = ("none", "", "applied after the product")  # an activation oneDNN cannot fuse

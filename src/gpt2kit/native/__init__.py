@@ -1,5 +1,5 @@
 """gpt2kit's own CPU kernels, built and loaded for this CPU once per machine: quantized.c (the fused
-dequantize-and-multiply products of quantized projections), dense.c (float32 products of decode steps) and
+dequantize-and-multiply products of quantized projections), dense.c (float32 and bfloat16 products of decode steps) and
 attention.c (a decode step's attention: the new keys written, one query per row), one library; rows.h holds the
 layer norm and epilogue the products share.
 
@@ -69,10 +69,11 @@ def library():
     lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p]
     lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, i64, p, p, p, f32]
     lib.gpt2kit_f32_mm.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, i64, i64, p, p, p, f32]
+    lib.gpt2kit_bf16_mm.argtypes = lib.gpt2kit_f32_mm.argtypes
     lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
                                              i64]
     for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
-               lib.gpt2kit_decode_attention):
+               lib.gpt2kit_bf16_mm, lib.gpt2kit_decode_attention):
         fn.restype = ctypes.c_int
     return lib
 
@@ -93,20 +94,20 @@ def _compile(cc: str, path: str) -> None:
 NO_NORM = (None, None, 0.0)  # the product kernels' layer-norm arguments (weight, bias, eps) when there is none
 
 
-def kernel_norm(norm, in_features: int):
-    """(weight, bias, eps) of a layer norm the product kernels can apply in their prologue (float32 CPU affine, over
-    the input's features), else None: the caller applies it first."""
+def kernel_norm(norm, in_features: int, dtype=torch.float32):
+    """(weight, bias, eps) of a layer norm the product kernels can apply in their prologue (affine, on the CPU, over
+    the input's features, its parameters in the kernel's dtype), else None: the caller applies it first."""
     p = norm._parameters
     w, b = p.get("weight"), p.get("bias")
-    if (w is None or b is None or w.dtype is not torch.float32 or b.dtype is not torch.float32 or not w.is_cpu
+    if (w is None or b is None or w.dtype is not dtype or b.dtype is not dtype or not w.is_cpu
             or not b.is_cpu or w.numel() != in_features):
         return None
     return w, b, norm.eps
 
 
-def kernel_residual(residual, shape) -> bool:
+def kernel_residual(residual, shape, dtype=torch.float32) -> bool:
     """Whether the product kernels' epilogue can add this residual to an output of `shape`."""
-    return (residual.dtype is torch.float32 and residual.is_cpu and residual.shape == shape
+    return (residual.dtype is dtype and residual.is_cpu and residual.shape == shape
             and residual.is_contiguous())
 
 

@@ -1,9 +1,12 @@
-/* gpt2kit's float32 products for decode steps and small batches (M <= 16 input rows), where a product is bound by
- * reading W from memory (4 bytes a weight) and the ops around it (the block's layer norm before, its GELU and
- * residual add after: rows.h) cost as much as their arithmetic is worth:
+/* gpt2kit's float32 and bfloat16 products for decode steps and small batches (M <= 16 input rows), where a product
+ * is bound by reading W from memory (4 or 2 bytes a weight) and the ops around it (the block's layer norm before,
+ * its GELU and residual add after: rows.h) cost as much as their arithmetic is worth:
  *     y[M, N] = ln(x)[M, K] @ W + bias, then act and + residual,
  * W in either layout: [K, N] (GPT-2's Conv1D, the blocks' projections) or [N, K] (nn.Linear: the tied head).
- * Summed in another order than MKL's (within ~1e-6 relative), as oneDNN's packed products are.
+ * float32: summed in another order than MKL's (within ~1e-6 relative), as oneDNN's packed products are.
+ * bfloat16: the weights widened to float32 in registers (exact) and summed in float32, rounded to bfloat16 where
+ * the module path rounds (the layer norm's output, the product's with its bias and GELU, the residual sum), as
+ * oneDNN's bf16 products do; plain AVX-512F, so also on CPUs without native bf16 products.
  * Built with quantized.c and attention.c into one library (native/__init__.py). */
 #include <immintrin.h>
 #include <stdint.h>
@@ -27,20 +30,32 @@
 #ifndef KN_AHEAD
 #define KN_AHEAD 8  /* rows ahead prefetched (two groups of four) */
 #endif
-static void kn_chunk(const float *x, int64_t M, int64_t ldx, const float *w, int64_t N, int64_t Np, int64_t k0,
-                     int64_t k1, float *p) {
+/* 16 weights from element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array, as float32 */
+static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t i, __mmask16 live, const int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, (const uint16_t *)w + i)), 16));
+    return _mm512_maskz_loadu_ps(live, (const float *)w + i);
+}
+
+static inline __attribute__((always_inline)) void kn_chunk(const float *x, int64_t M, int64_t ldx, const void *w,
+                                                           int64_t N, int64_t Np, int64_t k0, int64_t k1, float *p,
+                                                           const int bf16) {
+    const int64_t es = bf16 ? 2 : 4;  /* bytes a weight */
     memset(p, 0, (size_t)(M * Np) * sizeof(float));
     for (int64_t k = k0; k < k1;) {
         const int R = k1 - k >= 4 ? 4 : 1;  /* a tail of K % 4 rows goes one by one */
-        const float *w0 = w + k * N;
+        const int64_t w0 = k * N;  /* element index of row k */
         for (int64_t n = 0; n < N; n += 16) {
             const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
             if (R == 4) {
 #if KN_AHEAD
-                for (int r = 0; r < 4; r++) _mm_prefetch((const char *)(w0 + (KN_AHEAD + r) * N + n), _MM_HINT_T0);
+                if (!bf16 || (n & 31) == 0)  /* a line of 64 bytes: 16 float32 or 32 bf16 weights */
+                    for (int r = 0; r < 4; r++)
+                        _mm_prefetch((const char *)w + (w0 + (KN_AHEAD + r) * N + n) * es, _MM_HINT_T0);
 #endif
-                const __m512 a = _mm512_maskz_loadu_ps(live, w0 + n), b = _mm512_maskz_loadu_ps(live, w0 + N + n),
-                             c = _mm512_maskz_loadu_ps(live, w0 + 2 * N + n), d = _mm512_maskz_loadu_ps(live, w0 + 3 * N + n);
+                const __m512 a = load_w(w, w0 + n, live, bf16), b = load_w(w, w0 + N + n, live, bf16),
+                             c = load_w(w, w0 + 2 * N + n, live, bf16), d = load_w(w, w0 + 3 * N + n, live, bf16);
                 for (int64_t m = 0; m < M; m++) {
                     const float *xm = x + m * ldx + k;
                     __m512 acc = _mm512_load_ps(p + m * Np + n);
@@ -51,7 +66,7 @@ static void kn_chunk(const float *x, int64_t M, int64_t ldx, const float *w, int
                     _mm512_store_ps(p + m * Np + n, acc);
                 }
             } else {
-                const __m512 a = _mm512_maskz_loadu_ps(live, w0 + n);
+                const __m512 a = load_w(w, w0 + n, live, bf16);
                 for (int64_t m = 0; m < M; m++) {
                     const __m512 acc = _mm512_load_ps(p + m * Np + n);
                     _mm512_store_ps(p + m * Np + n, _mm512_fmadd_ps(a, _mm512_set1_ps(x[m * ldx + k]), acc));
@@ -62,13 +77,16 @@ static void kn_chunk(const float *x, int64_t M, int64_t ldx, const float *w, int
     }
 }
 
-static void kn_product(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, int64_t N, const float *bias,
-                       float *y, int64_t ldy) {
+static void kn_product(const float *x, int64_t M, int64_t K, int64_t ldx, const void *w, int64_t N, const float *bias,
+                       float *y, int64_t ldy, const int bf16) {
     const int64_t Np = (N + 15) / 16 * 16, part_len = M * Np, chunks = (K + KN_CHUNK - 1) / KN_CHUNK;
     float *part = (float *)aligned_alloc(64, (size_t)(chunks * part_len) * sizeof(float));
     #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; c++)
-        kn_chunk(x, M, ldx, w, N, Np, c * KN_CHUNK, (c + 1) * KN_CHUNK < K ? (c + 1) * KN_CHUNK : K, part + c * part_len);
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t k0 = c * KN_CHUNK, k1 = (c + 1) * KN_CHUNK < K ? (c + 1) * KN_CHUNK : K;
+        if (bf16) kn_chunk(x, M, ldx, w, N, Np, k0, k1, part + c * part_len, 1);
+        else kn_chunk(x, M, ldx, w, N, Np, k0, k1, part + c * part_len, 0);
+    }
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n += 16) {
             const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
@@ -81,40 +99,44 @@ static void kn_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
 }
 
 /* [N, K], one input row: four output rows at once (four independent FMA chains share each load of x) */
-static inline void nk_rows4_m1(const float *x, int64_t K, const float *w, const float *bias, int64_t n, float *y) {
-    const float *r0 = w + n * K;
+static inline __attribute__((always_inline)) void nk_rows4_m1(const float *x, int64_t K, const void *w,
+                                                              const float *bias, int64_t n, float *y, const int bf16) {
+    const int64_t r0 = n * K, es = bf16 ? 2 : 4;
     __m512 a[4];
     for (int r = 0; r < 4; r++) a[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
         for (int r = 0; r < 4; r++) {
-            _mm_prefetch((const char *)(r0 + (DENSE_PREFETCH_ROWS + r) * K + k), _MM_HINT_T0);
-            a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, r0 + r * K + k), _mm512_maskz_loadu_ps(live, x + k), a[r]);
+            if (!bf16 || (k & 31) == 0)
+                _mm_prefetch((const char *)w + (r0 + (DENSE_PREFETCH_ROWS + r) * K + k) * es, _MM_HINT_T0);
+            a[r] = _mm512_fmadd_ps(load_w(w, r0 + r * K + k, live, bf16), _mm512_maskz_loadu_ps(live, x + k), a[r]);
         }
     }
     for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(a[r]) + (bias ? bias[n + r] : 0.0f);
 }
 
 /* [N, K], output row n for MM input rows */
-static inline __attribute__((always_inline)) void nk_row(const float *x, int64_t ldx, int64_t K, const float *row,
-                                                         float b0, float *y, int64_t ldy, const int MM) {
+static inline __attribute__((always_inline)) void nk_row(const float *x, int64_t ldx, int64_t K, const void *w,
+                                                         int64_t row, float b0, float *y, int64_t ldy, const int MM,
+                                                         const int bf16) {
     __m512 acc[4];
     for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 wv = _mm512_maskz_loadu_ps(live, row + k);
+        const __m512 wv = load_w(w, row + k, live, bf16);
         for (int m = 0; m < MM; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(live, x + m * ldx + k), acc[m]);
     }
     for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + b0;
 }
 
-static void nk_product(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, int64_t N, const float *bias,
-                       float *y, int64_t ldy) {
+static inline __attribute__((always_inline)) void nk_body(const float *x, int64_t M, int64_t K, int64_t ldx,
+                                                          const void *w, int64_t N, const float *bias, float *y,
+                                                          int64_t ldy, const int bf16) {
     if (M == 1) {
         const int64_t N4 = N / 4 * 4;
         #pragma omp parallel for schedule(guided, 4)
-        for (int64_t n = 0; n < N4; n += 4) nk_rows4_m1(x, K, w, bias, n, y);
-        for (int64_t n = N4; n < N; n++) nk_row(x, ldx, K, w + n * K, bias ? bias[n] : 0.0f, y + n, ldy, 1);
+        for (int64_t n = 0; n < N4; n += 4) nk_rows4_m1(x, K, w, bias, n, y, bf16);
+        for (int64_t n = N4; n < N; n++) nk_row(x, ldx, K, w, n * K, bias ? bias[n] : 0.0f, y + n, ldy, 1, bf16);
         return;
     }
     #pragma omp parallel for schedule(dynamic, 16)
@@ -124,13 +146,19 @@ static void nk_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
             const float *xm = x + m0 * ldx;
             float *ym = y + m0 * ldy + n;
             switch (M - m0 >= 4 ? 4 : M - m0) {
-                case 1: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 1); break;
-                case 2: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 2); break;
-                case 3: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 3); break;
-                default: nk_row(xm, ldx, K, w + n * K, b0, ym, ldy, 4); break;
+                case 1: nk_row(xm, ldx, K, w, n * K, b0, ym, ldy, 1, bf16); break;
+                case 2: nk_row(xm, ldx, K, w, n * K, b0, ym, ldy, 2, bf16); break;
+                case 3: nk_row(xm, ldx, K, w, n * K, b0, ym, ldy, 3, bf16); break;
+                default: nk_row(xm, ldx, K, w, n * K, b0, ym, ldy, 4, bf16); break;
             }
         }
     }
+}
+
+static void nk_product(const float *x, int64_t M, int64_t K, int64_t ldx, const void *w, int64_t N, const float *bias,
+                       float *y, int64_t ldy, const int bf16) {
+    if (bf16) nk_body(x, M, K, ldx, w, N, bias, y, ldy, 1);
+    else nk_body(x, M, K, ldx, w, N, bias, y, ldy, 0);
 }
 
 /* x (M, K) rows ldx apart; w: [K, N] (layout 0) or [N, K] (layout 1); bias (N,) or NULL; y (M, N) rows ldy apart;
@@ -146,9 +174,64 @@ int gpt2kit_f32_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const floa
         layer_norm_rows(x, M, K, ldx, ln_w, ln_b, eps, normed);
         x = normed, ldx = K;
     }
-    if (layout == 0) kn_product(x, M, K, ldx, w, N, bias, y, ldy);
-    else nk_product(x, M, K, ldx, w, N, bias, y, ldy);
+    if (layout == 0) kn_product(x, M, K, ldx, w, N, bias, y, ldy, 0);
+    else nk_product(x, M, K, ldx, w, N, bias, y, ldy, 0);
     free(normed);
     epilogue(y, M, N, ldy, act, residual);
+    return 0;
+}
+
+/* bfloat16 <-> float32: widening is exact; rounding is to nearest even, as PyTorch's and oneDNN's conversions (a NaN
+ * stays a quiet NaN) */
+static inline __m512 bf16_round512(__m512 v) {
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x00400000));
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000)));
+}
+
+static inline __m512 bf16_load512(const uint16_t *p, __mmask16 live) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
+}
+
+static float *widen(const uint16_t *src, int64_t M, int64_t K, int64_t ld) {  /* (M, K), rows ld apart -> float32 */
+    float *out = alloc_rows(M, K);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += 16) {
+            const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            _mm512_mask_storeu_ps(out + m * K + k, live, bf16_load512(src + m * ld + k, live));
+        }
+    return out;
+}
+
+/* gpt2kit_f32_mm for bfloat16 x, w, bias, y, residual and layer norm (the model's dtype). Returns 0, or -1. */
+int gpt2kit_bf16_mm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N, int64_t layout,
+                    const uint16_t *bias, uint16_t *y, int64_t ldy, int64_t act, const uint16_t *residual,
+                    const uint16_t *ln_w, const uint16_t *ln_b, float eps) {
+    if (M < 1 || M > DENSE_MAX_M || K < 1 || N < 1 || (layout != 0 && layout != 1) || (ln_w && K % 16)) return -1;
+    float *xf = widen(x, M, K, ldx);
+    if (ln_w) {  /* the layer norm in float32, its output rounded to bf16 as the module's is */
+        float *lw = widen(ln_w, 1, K, K), *lb = widen(ln_b, 1, K, K), *normed = alloc_rows(M, K);
+        layer_norm_rows(xf, M, K, K, lw, lb, eps, normed);
+        for (int64_t i = 0; i < M * K; i += 16) _mm512_storeu_ps(normed + i, bf16_round512(_mm512_loadu_ps(normed + i)));
+        free(xf), free(lw), free(lb);
+        xf = normed;
+    }
+    float *bf = bias ? widen(bias, 1, N, N) : NULL, *yf = alloc_rows(M, N);
+    if (layout == 0) kn_product(xf, M, K, K, w, N, bf, yf, N, 1);
+    else nk_product(xf, M, K, K, w, N, bf, yf, N, 1);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n += 16) {
+            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(live, yf + m * N + n);
+            if (act) v = gelu_tanh512(v);
+            v = bf16_round512(v);  /* the product (+ bias, GELU) in bf16 */
+            if (residual) v = bf16_round512(_mm512_add_ps(v, bf16_load512(residual + m * ldy + n, live)));
+            _mm256_mask_storeu_epi16(y + m * ldy + n, live,
+                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+        }
+    free(xf), free(bf), free(yf);
     return 0;
 }
