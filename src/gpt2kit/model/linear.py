@@ -286,8 +286,9 @@ class _PolicyLinear:
     _layout = 0  # the weight's layout for native/dense.c: 0 [in, out] (Conv1D), 1 [out, in] (nn.Linear)
 
     def _native(self, x, w, bias, activation, residual, norm):
-        """NATIVE: act(norm(x) @ W + b) + residual in one call of gpt2kit_f32_mm, the norm, act and residual where
-        its prologue and epilogue take them (else applied around it); None where the kernel does not take x or W."""
+        """NATIVE: act(norm(x) @ W + b) + residual in one call of gpt2kit_f32_mm (bf16: gpt2kit_bf16_mm), the norm,
+        act and residual where its prologue and epilogue take them (else applied around them); None where the kernel
+        does not take x or W."""
         K = x.shape[-1]
         M = x.numel() // K if K else 0
         dt = x.dtype
