@@ -31,7 +31,7 @@ CONFIGS = {
 
 def steps(model, replay, B=1, n=8, starts=(7,)):
     """Logits of a prompt per row (rows at different lengths where `starts` differ), then n greedy steps."""
-    cache = StaticCache(model.config, B, 64)
+    cache = StaticCache(model.config, B, 64, dtype=model.transformer.wpe.weight.dtype)
     g = torch.Generator().manual_seed(1)
     out = []
     for b, s in enumerate(starts):
@@ -80,11 +80,13 @@ def test_generate_replays_its_steps(checkpoint, monkeypatch):
 
 
 @needs_kernels
-def test_float32_batch1_steps_are_replayed(checkpoint):
-    """A float32 step of one row: every product is gpt2kit's float32 kernel (linear.NATIVE), so it replays."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_batch1_steps_are_replayed(checkpoint, dtype):
+    """A float32 or bfloat16 step of one row: every product is gpt2kit's own kernel (linear.NATIVE), so it
+    replays."""
     from gpt2kit.model import linear
 
-    model = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    model = GPT2LMHeadModel.from_pretrained(checkpoint, dtype=dtype).eval()
     replay = DecodeReplay()
     plain, replayed = steps(model, None), steps(model, replay)
     assert replay.refused is None and replay.replays == 7 and len(replay.calls) == 2 * 5

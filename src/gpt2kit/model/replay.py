@@ -58,14 +58,17 @@ class _KernelsOnly(TorchDispatchMode):
 
 
 class _Recorded:
-    """One recorded step: its kernel calls and the tensors their addresses belong to (held, so that no address is
-    freed and reused while the recording may replay; the cache buffers too, whose ids are part of the key)."""
+    """One recorded step: its kernel calls and the tensors their addresses belong to, held so that no address is
+    freed and reused while the recording may replay: its own buffers, the cache's (whose ids are part of the key)
+    and the blocks' parameters and buffers. A weight edited in place is read as edited; a parameter or module
+    replaced by another object is not seen by a recording made before (one runner's, one engine's)."""
 
-    def __init__(self, calls, made, x, plan, out, cache):
+    def __init__(self, calls, made, x, plan, out, cache, modules):
         self.calls = [(fn, ints) for fn, ints, _ in calls]  # [(kernel, int arguments)]
         self.made, self.x, self.out = made, x, out
         self.key_counts, self.slot_ids = plan.key_counts, plan.slot_ids
         self.buffers = (*cache.key_cache, *cache.value_cache)
+        self.weights = (*modules.parameters(), *modules.buffers())
 
 
 class DecodeReplay:
@@ -138,5 +141,5 @@ class DecodeReplay:
             return out
         if len(self.recordings) >= self.limit:
             del self.recordings[next(iter(self.recordings))]  # the oldest: its buffers and the cache's it held go
-        self.recordings[key] = _Recorded(calls, mode.made, x, plan, out, cache)
+        self.recordings[key] = _Recorded(calls, mode.made, x, plan, out, cache, modules)
         return out
