@@ -125,13 +125,13 @@ class DecodeReplay:
             native.RECORDING.calls = None
         why = mode.refused or ("no kernel calls" if not calls else None)
         if why is None:
-            known = {_storage(t) for t in mode.made} | {_storage(x), _storage(plan.key_counts), _storage(plan.slot_ids)}
-            known |= {_storage(t) for t in (*cache.key_cache, *cache.value_cache)}
-            known |= {_storage(t) for t in (*modules.parameters(), *modules.buffers())}
+            made = {_storage(t) for t in mode.made}
+            known = made | {_storage(t) for t in (x, plan.key_counts, plan.slot_ids, *cache.key_cache,
+                                                  *cache.value_cache, *modules.parameters(), *modules.buffers())}
             stray = next((t for _, _, ts in calls for t in ts if _storage(t) not in known), None)
             if stray is not None:
                 why = f"a kernel was given a tensor made outside the step ({tuple(stray.shape)}, {stray.dtype})"
-            elif _storage(out) not in {_storage(t) for t in mode.made}:
+            elif _storage(out) not in made:
                 why = "the step's output is not a recorded buffer"
         if why is not None:
             self.refused = why

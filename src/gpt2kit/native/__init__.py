@@ -121,23 +121,21 @@ class _Recording(threading.local):
 RECORDING = _Recording()
 
 
-def record(fn, ints: tuple, tensors: tuple) -> None:
-    """Note a kernel call made outside `call` (the quantized modules' lean decode call) while recording."""
-    calls = RECORDING.calls
-    if calls is not None:
-        calls.append((fn, ints, tensors))
-
-
-def call(fn, *args) -> int:
-    """fn(*args) with every tensor argument passed by its address. The tensors stay referenced (by `args`)
-    until the kernel returns, so a temporary (a bias cast to float32) cannot be freed and its memory handed
-    to the output first; plain ints rather than c_void_p objects (~0.5 us less each, ~300 a decode step).
-    Returns the kernel's status (>= 0: which variant ran); a negative one (arguments it refuses) raises."""
-    ints = tuple([a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+def invoke(fn, ints: tuple, *tensors) -> int:
+    """fn(*ints): a kernel called with its arguments already as ints (the quantized modules' lean decode call
+    builds them itself). `tensors`: those the ints address (None entries allowed), kept by a recording. Returns
+    the kernel's status (>= 0: which variant ran); a negative one (arguments it refuses) raises."""
     rc = fn(*ints)
     if rc < 0:
         raise RuntimeError(f"gpt2kit kernel {getattr(fn, '__name__', fn)} refused its arguments (status {rc}).")
     calls = RECORDING.calls
-    if calls is not None:
-        calls.append((fn, ints, tuple(a for a in args if isinstance(a, torch.Tensor))))
+    if calls is not None:  # a decode step being recorded (model/replay.py)
+        calls.append((fn, ints, tuple(t for t in tensors if isinstance(t, torch.Tensor))))
     return rc
+
+
+def call(fn, *args) -> int:
+    """fn(*args) with every tensor argument passed by its address (then as `invoke`). The tensors stay referenced
+    (by `args`) until the kernel returns, so a temporary (a bias cast to float32) cannot be freed and its memory
+    handed to the output first; plain ints rather than c_void_p objects (~0.5 us less each, ~300 a decode step)."""
+    return invoke(fn, tuple([a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]), *args)

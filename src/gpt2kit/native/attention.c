@@ -23,17 +23,12 @@
 #define MAX_ND 16 /* head_dim up to 256, in vectors of 16 */
 
 static inline __m512 load16(const void *p, int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)p);
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));  /* bf16 is the high half of a float32 */
+    return bf16 ? bf16_load512(p, 0xffff) : _mm512_loadu_ps((const float *)p);
 }
 
 static inline void store16(void *p, __m512 x, int bf16) {
-    if (!bf16) { _mm512_storeu_ps((float *)p, x); return; }
-    const __m512i u = _mm512_castps_si512(x);  /* round to nearest even, then keep the high half */
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+    if (bf16) bf16_store512(p, x, 0xffff);
+    else _mm512_storeu_ps((float *)p, x);
 }
 
 /* one (row, head): nd vectors of 16 per head; ND a compile-time constant where it is GPT-2's 4 (head_dim 64) */

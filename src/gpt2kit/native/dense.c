@@ -32,10 +32,7 @@
 #endif
 /* 16 weights from element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array, as float32 */
 static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t i, __mmask16 live, const int bf16) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, (const uint16_t *)w + i)), 16));
-    return _mm512_maskz_loadu_ps(live, (const float *)w + i);
+    return bf16 ? bf16_load512((const uint16_t *)w + i, live) : _mm512_maskz_loadu_ps(live, (const float *)w + i);
 }
 
 static inline __attribute__((always_inline)) void kn_chunk(const float *x, int64_t M, int64_t ldx, const void *w,
@@ -181,21 +178,6 @@ int gpt2kit_f32_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const floa
     return 0;
 }
 
-/* bfloat16 <-> float32: widening is exact; rounding is to nearest even, as PyTorch's and oneDNN's conversions (a NaN
- * stays a quiet NaN) */
-static inline __m512 bf16_round512(__m512 v) {
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x00400000));
-    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000)));
-}
-
-static inline __m512 bf16_load512(const uint16_t *p, __mmask16 live) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
-}
-
 static float *widen(const uint16_t *src, int64_t M, int64_t K, int64_t ld) {  /* (M, K), rows ld apart -> float32 */
     float *out = alloc_rows(M, K);
     for (int64_t m = 0; m < M; m++)
@@ -227,10 +209,9 @@ int gpt2kit_bf16_mm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
             const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
             __m512 v = _mm512_maskz_loadu_ps(live, yf + m * N + n);
             if (act) v = gelu_tanh512(v);
-            v = bf16_round512(v);  /* the product (+ bias, GELU) in bf16 */
-            if (residual) v = bf16_round512(_mm512_add_ps(v, bf16_load512(residual + m * ldy + n, live)));
-            _mm256_mask_storeu_epi16(y + m * ldy + n, live,
-                                     _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+            if (residual)  /* the product (+ bias, GELU) in bf16, then the sum */
+                v = _mm512_add_ps(bf16_round512(v), bf16_load512(residual + m * ldy + n, live));
+            bf16_store512(y + m * ldy + n, v, live);
         }
     free(xf), free(bf), free(yf);
     return 0;

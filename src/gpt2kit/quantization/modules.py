@@ -136,22 +136,17 @@ class QuantizedProjection(nn.Module):
             if not native.kernel_residual(residual, out):
                 return None
             res = residual.data_ptr()
-        ln_w = ln_b = 0
-        eps = 0.0
+        ln = native.NO_NORM
         if norm is not None:
             ln = native.kernel_norm(norm, self.in_features)
             if ln is None:
                 return None
-            ln_w, ln_b, eps = ln[0].data_ptr(), ln[1].data_ptr(), ln[2]
         y = torch.empty(out)
         fn, static, names = k[0], k[1], k[2]
+        ln_w = ln[0].data_ptr() if norm is not None else 0
         args = (x.data_ptr(), M, self.in_features, self.in_features, *static, y.data_ptr(), self.out_features, act, res,
-                ln_w, ln_b, eps)
-        rc = fn(*args)
-        if rc < 0:
-            raise RuntimeError(f"gpt2kit kernel {fn.__name__} refused its arguments (status {rc}).")
-        if native.RECORDING.calls is not None:  # a decode step being recorded (model/replay.py)
-            native.record(fn, args, (x, y) + ((residual,) if res else ()) + ((ln[0], ln[1]) if ln_w else ()))
+                ln_w, ln[1].data_ptr() if ln_w else 0, ln[2])
+        rc = native.invoke(fn, args, x, y, residual, ln[0], ln[1])
         d = self.__dict__
         d["last_call"] = "lean"
         d["last_kernel"] = names[rc]
