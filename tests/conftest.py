@@ -22,3 +22,21 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: this test reads the project's shared corpus/vocabulary")
     return SHARED
+
+
+def _native_builds():
+    from gpt2kit import native
+
+    return native.runnable_isas() or ["none"]
+
+
+@pytest.fixture(params=_native_builds())
+def native_build(request, monkeypatch):
+    """Runs a test once per build of gpt2kit's kernels this CPU can run (native/__init__.py: "avx512" and "avx2" on an
+    AVX-512 machine, "avx2" on an AVX2-only one), with `native.library()` returning that build ("none", None, on a
+    CPU that runs neither)."""
+    from gpt2kit import native
+
+    lib = None if request.param == "none" else native.load(request.param)  # None: no C compiler
+    monkeypatch.setattr(native, "library", lambda: lib)  # None: the tests see PyTorch's paths, as such a CPU runs
+    return request.param

@@ -10,8 +10,9 @@ from gpt2kit.generation import runner as runner_mod
 from gpt2kit.model.replay import DecodeReplay
 from gpt2kit.quantization import BitsAndBytesConfig, TorchAoConfig
 
-needs_kernels = pytest.mark.skipif(native.library() is None,
-                                   reason="gpt2kit's native kernels are not built on this CPU (no AVX-512 or no compiler)")
+needs_kernels = pytest.mark.skipif(native.library() is None, reason="gpt2kit's native kernels are not built on this "
+                                   "CPU (neither AVX2 nor AVX-512, or no compiler)")
+pytestmark = pytest.mark.usefixtures("native_build")  # each build this CPU runs (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from gpt2kit import native
 from gpt2kit.model import linear
 from gpt2kit.model.linear import LMHead, Projection
 
-pytestmark = pytest.mark.skipif(native.library() is None,
-                                reason="gpt2kit's native kernels are not built on this CPU (no AVX-512 or no compiler)")
+pytestmark = [pytest.mark.skipif(native.library() is None, reason="gpt2kit's native kernels are not built on this "
+                                                                   "CPU (neither AVX2 nor AVX-512, or no compiler)"),
+              pytest.mark.usefixtures("native_build")]  # each build this CPU runs (conftest.py)
 
 
 def kernel(x, w, layout, bias=None, act=0, residual=None, ln=None):

@@ -199,6 +199,7 @@ def test_default_length_and_argument_errors(sdpa_pair):
         ours.generate(ids, stop_strings=["x"], max_new_tokens=2)
 
 
+@pytest.mark.usefixtures("native_build")
 @pytest.mark.parametrize("batch", [3, 6])
 def test_bfloat16_fast_path_matches_the_model_forward(sdpa_pair, batch):
     """bf16 weights: the decode entry (gpt2kit's widening kernel up to 4 rows where it is built; else oneDNN-packed
@@ -334,9 +335,10 @@ def test_flash_attention_2_names_what_exists_here():
     assert "GPU kernels" in str(e.value)
 
 
+@pytest.mark.usefixtures("native_build")
 def test_one_row_float32_decode_takes_the_path_this_cpu_runs_fastest(sdpa_pair):
     """On this machine's CPU, a batch-1 float32 decode runs gpt2kit's own float32 kernel (native/dense.c) for
-    the blocks and the head where it is built (AVX-512 and a compiler); else the path cpu.mkl_gemv_wins names for
+    the blocks and the head where it is built (AVX2 or AVX-512, a compiler); else the path cpu.mkl_gemv_wins names for
     the blocks: MKL's addmm on an Intel CPU, oneDNN on packed weights elsewhere (measured in cpu.py), and the head
     packs."""
     from gpt2kit import cpu, native

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from gpt2kit import native
-from gpt2kit.cpu import cpu_flags
 from gpt2kit.model.linear import decoding
 from gpt2kit.quantization.modules import LinearInt4
 
-pytestmark = pytest.mark.skipif(native.library() is None or "avx512_vnni" not in cpu_flags(),
+pytestmark = pytest.mark.skipif(native.library() is None or not native.library().vnni,
                                 reason="the integer int4 kernel is built for CPUs with AVX512-VNNI only")
 
 

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from gpt2kit import GPT2Config, GPT2LMHeadModel, StaticCache, native
 from gpt2kit.model.layers import decode_attention_runs
 
-needs_kernel = pytest.mark.skipif(native.library() is None, reason="no AVX-512 or no C compiler: the kernel is not built")
+needs_kernel = pytest.mark.skipif(native.library() is None,
+                                  reason="neither AVX2 nor AVX-512, or no C compiler: the kernel is not built")
+pytestmark = pytest.mark.usefixtures("native_build")  # each build this CPU runs (conftest.py)
 
 
 def reference(q, k, v, scaling):  # SDPA in float64 for one row: q (H, 1, D), k/v (H, n, D)

@@ -9,7 +9,6 @@ transformers = pytest.importorskip("transformers")
 import bitsandbytes as bnb  # noqa: E402
 
 from gpt2kit import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
-from gpt2kit.cpu import cpu_flags  # noqa: E402
 from gpt2kit.quantization.config import BitsAndBytesConfig, TorchAoConfig  # noqa: E402
 from gpt2kit.quantization.modules import Linear4bit, Linear8bit, QuantizedProjection  # noqa: E402
 from gpt2kit.quantization.replace import quantized_modules  # noqa: E402
@@ -136,6 +135,7 @@ def test_skip_modules_and_fast_path(float_dir):
     assert model.transformer.h[0].mlp.c_fc.last_kernel == expected
 
 
+@pytest.mark.usefixtures("native_build")
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group_size):
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=TorchAoConfig("int4_weight_only",
@@ -145,7 +145,8 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
         ref.get_submodule(name).weight.data = m.dequantize().t().contiguous()
     from gpt2kit import native
 
-    one_row = "fused-int4-vnni" if "avx512_vnni" in cpu_flags() else "fused-lut4"  # the kernel for this CPU
+    lib = native.library()
+    one_row = "fused-int4-vnni" if lib is not None and lib.vnni else "fused-lut4"  # the kernel this build has
     expected = [one_row, "fused-lut4", "dequantize+mm"] if native.library() is not None else None
     with torch.no_grad():
         for i, ids in enumerate((IDS[:, :1], IDS[:, :3], IDS.repeat(2, 2))):  # 1 row; <= 16 rows; the prefill (48)
@@ -157,6 +158,7 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
     assert not (tmp_path / "int4").exists()  # refused before anything was written
 
 
+@pytest.mark.usefixtures("native_build")
 @pytest.mark.parametrize("out_features", [12, 10])  # four rows at a time, and two left over
 @pytest.mark.parametrize("rows", [1, 3])  # decode's one-input-row kernel, and the general one
 def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
@@ -170,10 +172,11 @@ def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
     x = torch.randn(1, rows, 64, generator=g)
     want = x @ m.dequantize().float().t() + bias
     torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
-    if native.library() is not None:  # the fused kernel is built on CPUs with AVX-512 and a C compiler
+    if native.library() is not None:  # the fused kernel is built (AVX2 or AVX-512, a C compiler)
         assert m.last_kernel == "fused-int8"
 
 
+@pytest.mark.usefixtures("native_build")
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_4bit_one_row_kernel_matches_its_dequantized_weights(float_dir, quant_type):
     """Decode at batch 1 (one input row: the four-output-rows kernel) and a few rows, against the same model

@@ -58,6 +58,7 @@ def test_reference_page_example(gpt2_small_shaped):
     assert saved > 0.85 * sum(4 * m.in_features * m.out_features for m in mods.values())
 
 
+@pytest.mark.usefixtures("native_build")
 @pytest.mark.parametrize("qconfig", [BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
                                      BitsAndBytesConfig(load_in_8bit=True), TorchAoConfig("int4_weight_only", group_size=32)],
                          ids=["fp4", "int8", "int4"])
@@ -88,7 +89,7 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
         for x, y in zip(a, b):
             assert (x - y).abs().max().item() < tol
     kernels |= {m.last_kernel for m in quantized_modules(model).values()}
-    if native.library() is not None:  # AVX-512 and a C compiler: the fused kernels (and BLAS past 16 rows)
+    if native.library() is not None:  # AVX2 or AVX-512 and a C compiler: the fused kernels (and BLAS past 16 rows)
         fused = {"fused-lut4", "fused-int4-vnni", "fused-int8"}
         assert kernels <= fused | {"dequantize+mm"} and kernels & fused
     else:  # else PyTorch's packed int8/int4 kernels, and NF4/FP4 dequantized per product (see modules.py)
@@ -100,6 +101,7 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
 
 
 
+@pytest.mark.usefixtures("native_build")
 @pytest.mark.parametrize("untie", [False, True])
 @pytest.mark.parametrize("quant_type,kwargs", [("int8_weight_only", {}), ("int4_weight_only", {"group_size": 32})],
                          ids=["int8", "int4"])
@@ -196,7 +198,7 @@ def test_cli_quantize_flag(gpt2_small_shaped, tmp_path, capsys):
 FALLBACK = r"""
 import json, sys, torch
 from gpt2kit import AutoModelForCausalLM, BitsAndBytesConfig, StaticCache, TorchAoConfig, native
-assert native.library() is None  # GPT2KIT_NATIVE_KERNELS=0: what a CPU without AVX-512 or a compiler runs
+assert native.library() is None  # GPT2KIT_NATIVE_KERNELS=0: what a CPU without AVX2 or a compiler runs
 ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625]])
 out = {}
 for name, q in (("int8", TorchAoConfig("int8_weight_only")), ("int4", TorchAoConfig("int4_weight_only", group_size=32)),
@@ -214,7 +216,7 @@ print(json.dumps(out))
 
 
 def test_without_the_native_kernels_every_mode_runs_on_pytorchs(gpt2_small_shaped):
-    """A CPU without AVX-512 or a C compiler (forced here by GPT2KIT_NATIVE_KERNELS=0, in a fresh process):
+    """A CPU without AVX2 or a C compiler (forced here by GPT2KIT_NATIVE_KERNELS=0, in a fresh process):
     int8 / int4 on PyTorch's packed kernels where this CPU has native bf16 (else dequantized products), nf4
     dequantized per product; the forward and a decode step agree with the native-kernel model in this
     process within the bf16 activations those packed kernels take."""

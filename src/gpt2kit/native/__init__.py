@@ -1,12 +1,15 @@
 """gpt2kit's own CPU kernels, built and loaded for this CPU once per machine: quantized.c (the fused
 dequantize-and-multiply products of quantized projections), dense.c (float32 and bfloat16 products of decode steps) and
 attention.c (a decode step's attention: the new keys written, one query per row), one library; rows.h holds the
-layer norm and epilogue the products share.
+layer norm and epilogue the products share, simd.h the 16-lane vector they are written in.
 
-The library is compiled with the system C compiler (`cc`, or $CC) at first use, for the CPU it runs on
-(-march=native), into ~/.cache/gpt2kit/kernels (or $GPT2KIT_CACHE) under a name that hashes the source,
-the compiler and the CPU's flags; it is called through ctypes (which releases the GIL). Where there is
-no compiler or no AVX-512, `library()` returns None and the callers use PyTorch's own kernels instead.
+The library is compiled with the system C compiler (`cc`, or $CC) at first use, for the CPU it runs on, in one of
+two builds (`ISAS`): "avx512" (-march=native, where the CPU has AVX-512 F/BW/VL) or "avx2" (-march=native
+-mno-avx512f: AVX2 + FMA, the AVX2-only CPUs; it also runs on an AVX-512 one, so the tests hold both builds
+against PyTorch on either kind of machine). `library()` loads the best this CPU runs, or the one
+$GPT2KIT_NATIVE_ISA names. Built into ~/.cache/gpt2kit/kernels (or $GPT2KIT_CACHE) under a name that hashes the
+source, the compiler, the build and the CPU's flags; called through ctypes (which releases the GIL). Where there is
+no compiler or neither instruction set, `library()` returns None and the callers use PyTorch's own kernels.
 """
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ import threading
 import torch
 
 from ..cpu import cpu_flags
+from ..errors import InvalidInputError
 
 logger = logging.getLogger("gpt2kit.native")
 
 SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("quantized.c", "dense.c", "attention.c")]
-HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("vecmath.h", "rows.h")]  # part of the source hash
+HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("simd.h", "vecmath.h", "rows.h")]  # part of the source hash
 
 
 def _cache_dir() -> str:
@@ -36,14 +40,51 @@ def _cache_dir() -> str:
     return os.path.join(root, "kernels")
 
 
+ISAS = ("avx512", "avx2")  # the builds, best first
+_NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx2", "fma"}, "avx2": {"avx2", "fma"}}
+_FLAGS = {"avx512": ["-march=native"], "avx2": ["-march=native", "-mno-avx512f"]}
+
+
+def runnable_isas() -> list[str]:
+    """The builds this CPU can run, best first (none off x86-64)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return [isa for isa in ISAS if _NEEDS[isa] <= cpu_flags()]
+
+
 @functools.cache
-def library():
-    """The loaded kernel library, or None (no compiler, no AVX-512, or GPT2KIT_NATIVE_KERNELS=0)."""
+def chosen_isa() -> str | None:
+    """The build `library()` loads, decided once a process: $GPT2KIT_NATIVE_ISA where set, else the best this CPU
+    runs; None with GPT2KIT_NATIVE_KERNELS=0 or where it runs neither."""
     if os.environ.get("GPT2KIT_NATIVE_KERNELS", "1") == "0":
+        logger.info("GPT2KIT_NATIVE_KERNELS=0: gpt2kit's own kernels are off; PyTorch's run instead.")
         return None
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx512f", "avx512bw"} <= cpu_flags():
-        logger.info("No AVX-512 on this CPU: gpt2kit's own kernels are not built; PyTorch's run instead.")
-        return None
+    runnable = runnable_isas()
+    asked = os.environ.get("GPT2KIT_NATIVE_ISA", "").strip().lower()
+    if asked:
+        if asked not in ISAS:
+            raise InvalidInputError(f"GPT2KIT_NATIVE_ISA={asked!r}: choose one of {', '.join(ISAS)}, or leave it unset.")
+        return asked  # load() refuses one this CPU cannot run
+    if not runnable:
+        logger.info("Neither AVX-512 nor AVX2 + FMA on this CPU: gpt2kit's own kernels are not built; PyTorch's run.")
+    return runnable[0] if runnable else None
+
+
+def library():
+    """The loaded kernel library of the chosen build (`chosen_isa`; its `isa` attribute names it), or None (no
+    compiler, neither instruction set, or GPT2KIT_NATIVE_KERNELS=0)."""
+    isa = chosen_isa()
+    return None if isa is None else load(isa)
+
+
+@functools.cache
+def load(isa: str):
+    """The library built for `isa` (one of ISAS, which this CPU must run), built at first use; None where it cannot
+    be built (no compiler, a compiler error: logged)."""
+    if isa not in runnable_isas():
+        raise InvalidInputError(f"This CPU cannot run gpt2kit's {isa!r} kernels (it runs: "
+                                f"{', '.join(runnable_isas()) or 'neither'}); if GPT2KIT_NATIVE_ISA asks for it, "
+                                "unset it or choose another.")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         logger.warning("No C compiler found: quantized projections use PyTorch's kernels (NF4/FP4 are then slow). "
@@ -53,11 +94,11 @@ def library():
     for name in SOURCES + HEADERS:
         with open(name, "rb") as f:
             source += f.read()
-    key = hashlib.sha256(source + cc.encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"gpt2kit_kernels_{key}.so")
+    key = hashlib.sha256(source + cc.encode() + isa.encode() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"gpt2kit_kernels_{isa}_{key}.so")
     if not os.path.exists(path):
         try:
-            _compile(cc, path)
+            _compile(cc, path, _FLAGS[isa])
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
             logger.warning("Could not build gpt2kit's native kernels (%s); using PyTorch's kernels.", detail)
@@ -75,15 +116,17 @@ def library():
     for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
                lib.gpt2kit_bf16_mm, lib.gpt2kit_decode_attention):
         fn.restype = ctypes.c_int
+    lib.isa = isa
+    lib.vnni = isa == "avx512" and "avx512_vnni" in cpu_flags()  # the integer int4 kernel is built (quantized.c)
     return lib
 
 
-def _compile(cc: str, path: str) -> None:
+def _compile(cc: str, path: str, flags: list[str]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *SOURCES, "-o", tmp],
+        subprocess.run([cc, "-O3", *flags, "-fopenmp", "-shared", "-fPIC", *SOURCES, "-o", tmp],
                        check=True, capture_output=True)
         os.replace(tmp, path)  # atomic: a concurrent build or reader never sees half a library
     finally:

@@ -12,7 +12,6 @@
  * over the scores (exp, sum), one over the values; the rows' lengths need no mask, so rows at different
  * positions share one call. Built with quantized.c into one library (native/__init__.py).
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -22,13 +21,13 @@
 
 #define MAX_ND 16 /* head_dim up to 256, in vectors of 16 */
 
-static inline __m512 load16(const void *p, int bf16) {
-    return bf16 ? bf16_load512(p, 0xffff) : _mm512_loadu_ps((const float *)p);
+static inline vf load16(const void *p, int bf16) {
+    return bf16 ? vf_bf16_load(p, vm_first(16)) : vf_load((const float *)p);
 }
 
-static inline void store16(void *p, __m512 x, int bf16) {
-    if (bf16) bf16_store512(p, x, 0xffff);
-    else _mm512_storeu_ps((float *)p, x);
+static inline void store16(void *p, vf x, int bf16) {
+    if (bf16) vf_bf16_store(p, x, vm_first(16));
+    else vf_store((float *)p, x);
 }
 
 /* one (row, head): nd vectors of 16 per head; ND a compile-time constant where it is GPT-2's 4 (head_dim 64) */
@@ -36,34 +35,34 @@ static inline __attribute__((always_inline)) void attend_one(const char *q, cons
                                                               int64_t ks, int64_t n, float scale, char *y,
                                                               float *p, int bf16, const int nd) {
     const int64_t es = bf16 ? 2 : 4;
-    __m512 qv[MAX_ND], o[MAX_ND];
+    vf qv[MAX_ND], o[MAX_ND];
     for (int d = 0; d < nd; d++) {
-        qv[d] = _mm512_mul_ps(load16(q + d * 16 * es, bf16), _mm512_set1_ps(scale));
-        o[d] = _mm512_setzero_ps();
+        qv[d] = vf_mul(load16(q + d * 16 * es, bf16), vf_set1(scale));
+        o[d] = vf_zero();
     }
     float m = -INFINITY;
     for (int64_t s = 0; s < n; s++) {
         const char *kr = k + s * ks * es;
-        __m512 a = _mm512_mul_ps(qv[0], load16(kr, bf16));
-        for (int d = 1; d < nd; d++) a = _mm512_fmadd_ps(qv[d], load16(kr + d * 16 * es, bf16), a);
-        p[s] = _mm512_reduce_add_ps(a);
+        vf a = vf_mul(qv[0], load16(kr, bf16));
+        for (int d = 1; d < nd; d++) a = vf_fmadd(qv[d], load16(kr + d * 16 * es, bf16), a);
+        p[s] = vf_sum(a);
         m = p[s] > m ? p[s] : m;
     }
-    const __m512 mv = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
+    const vf mv = vf_set1(m);
+    vf sum = vf_zero();
     for (int64_t s = 0; s < n; s += 16) {
-        const __mmask16 live = n - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - s)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, p + s), mv)));
-        _mm512_mask_storeu_ps(p + s, live, e);
-        sum = _mm512_add_ps(sum, e);
+        const vm live = vm_first(n - s);
+        const vf e = vf_maskz(live, vf_exp(vf_sub(vf_loadm(p + s, live), mv)));
+        vf_storem(p + s, live, e);
+        sum = vf_add(sum, e);
     }
     for (int64_t s = 0; s < n; s++) {
         const char *vr = v + s * ks * es;
-        const __m512 ps = _mm512_set1_ps(p[s]);
-        for (int d = 0; d < nd; d++) o[d] = _mm512_fmadd_ps(ps, load16(vr + d * 16 * es, bf16), o[d]);
+        const vf ps = vf_set1(p[s]);
+        for (int d = 0; d < nd; d++) o[d] = vf_fmadd(ps, load16(vr + d * 16 * es, bf16), o[d]);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int d = 0; d < nd; d++) store16(y + d * 16 * es, _mm512_mul_ps(o[d], inv), bf16);
+    const vf inv = vf_set1(1.0f / vf_sum(sum));
+    for (int d = 0; d < nd; d++) store16(y + d * 16 * es, vf_mul(o[d], inv), bf16);
 }
 
 /* A decode step's whole attention for one layer: per row b, its new key and value (from its fused qkv row,

@@ -6,9 +6,8 @@
  * float32: summed in another order than MKL's (within ~1e-6 relative), as oneDNN's packed products are.
  * bfloat16: the weights widened to float32 in registers (exact) and summed in float32, rounded to bfloat16 where
  * the module path rounds (the layer norm's output, the product's with its bias and GELU, the residual sum), as
- * oneDNN's bf16 products do; plain AVX-512F, so also on CPUs without native bf16 products.
+ * oneDNN's bf16 products do; plain AVX-512F or AVX2 (simd.h), so also on CPUs without native bf16 products.
  * Built with quantized.c and attention.c into one library (native/__init__.py). */
-#include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,8 +30,8 @@
 #define KN_AHEAD 8  /* rows ahead prefetched (two groups of four) */
 #endif
 /* 16 weights from element i of a float32 (bf16 = 0) or bfloat16 (bf16 = 1) array, as float32 */
-static inline __attribute__((always_inline)) __m512 load_w(const void *w, int64_t i, __mmask16 live, const int bf16) {
-    return bf16 ? bf16_load512((const uint16_t *)w + i, live) : _mm512_maskz_loadu_ps(live, (const float *)w + i);
+static inline __attribute__((always_inline)) vf load_w(const void *w, int64_t i, vm live, const int bf16) {
+    return bf16 ? vf_bf16_load((const uint16_t *)w + i, live) : vf_loadm((const float *)w + i, live);
 }
 
 static inline __attribute__((always_inline)) void kn_chunk(const float *x, int64_t M, int64_t ldx, const void *w,
@@ -44,29 +43,29 @@ static inline __attribute__((always_inline)) void kn_chunk(const float *x, int64
         const int R = k1 - k >= 4 ? 4 : 1;  /* a tail of K % 4 rows goes one by one */
         const int64_t w0 = k * N;  /* element index of row k */
         for (int64_t n = 0; n < N; n += 16) {
-            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
+            const vm live = vm_first(N - n);
             if (R == 4) {
 #if KN_AHEAD
                 if (!bf16 || (n & 31) == 0)  /* a line of 64 bytes: 16 float32 or 32 bf16 weights */
                     for (int r = 0; r < 4; r++)
                         _mm_prefetch((const char *)w + (w0 + (KN_AHEAD + r) * N + n) * es, _MM_HINT_T0);
 #endif
-                const __m512 a = load_w(w, w0 + n, live, bf16), b = load_w(w, w0 + N + n, live, bf16),
+                const vf a = load_w(w, w0 + n, live, bf16), b = load_w(w, w0 + N + n, live, bf16),
                              c = load_w(w, w0 + 2 * N + n, live, bf16), d = load_w(w, w0 + 3 * N + n, live, bf16);
                 for (int64_t m = 0; m < M; m++) {
                     const float *xm = x + m * ldx + k;
-                    __m512 acc = _mm512_load_ps(p + m * Np + n);
-                    acc = _mm512_fmadd_ps(a, _mm512_set1_ps(xm[0]), acc);
-                    acc = _mm512_fmadd_ps(b, _mm512_set1_ps(xm[1]), acc);
-                    acc = _mm512_fmadd_ps(c, _mm512_set1_ps(xm[2]), acc);
-                    acc = _mm512_fmadd_ps(d, _mm512_set1_ps(xm[3]), acc);
-                    _mm512_store_ps(p + m * Np + n, acc);
+                    vf acc = vf_loada(p + m * Np + n);
+                    acc = vf_fmadd(a, vf_set1(xm[0]), acc);
+                    acc = vf_fmadd(b, vf_set1(xm[1]), acc);
+                    acc = vf_fmadd(c, vf_set1(xm[2]), acc);
+                    acc = vf_fmadd(d, vf_set1(xm[3]), acc);
+                    vf_storea(p + m * Np + n, acc);
                 }
             } else {
-                const __m512 a = load_w(w, w0 + n, live, bf16);
+                const vf a = load_w(w, w0 + n, live, bf16);
                 for (int64_t m = 0; m < M; m++) {
-                    const __m512 acc = _mm512_load_ps(p + m * Np + n);
-                    _mm512_store_ps(p + m * Np + n, _mm512_fmadd_ps(a, _mm512_set1_ps(x[m * ldx + k]), acc));
+                    const vf acc = vf_loada(p + m * Np + n);
+                    vf_storea(p + m * Np + n, vf_fmadd(a, vf_set1(x[m * ldx + k]), acc));
                 }
             }
         }
@@ -86,11 +85,11 @@ static void kn_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
     }
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n += 16) {
-            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-            __m512 s = _mm512_load_ps(part + m * Np + n);
-            for (int64_t c = 1; c < chunks; c++) s = _mm512_add_ps(s, _mm512_load_ps(part + c * part_len + m * Np + n));
-            if (bias) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(live, bias + n));
-            _mm512_mask_storeu_ps(y + m * ldy + n, live, s);
+            const vm live = vm_first(N - n);
+            vf s = vf_loada(part + m * Np + n);
+            for (int64_t c = 1; c < chunks; c++) s = vf_add(s, vf_loada(part + c * part_len + m * Np + n));
+            if (bias) s = vf_add(s, vf_loadm(bias + n, live));
+            vf_storem(y + m * ldy + n, live, s);
         }
     free(part);
 }
@@ -99,31 +98,31 @@ static void kn_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
 static inline __attribute__((always_inline)) void nk_rows4_m1(const float *x, int64_t K, const void *w,
                                                               const float *bias, int64_t n, float *y, const int bf16) {
     const int64_t r0 = n * K, es = bf16 ? 2 : 4;
-    __m512 a[4];
-    for (int r = 0; r < 4; r++) a[r] = _mm512_setzero_ps();
+    vf a[4];
+    for (int r = 0; r < 4; r++) a[r] = vf_zero();
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        const vm live = vm_first(K - k);
         for (int r = 0; r < 4; r++) {
             if (!bf16 || (k & 31) == 0)
                 _mm_prefetch((const char *)w + (r0 + (DENSE_PREFETCH_ROWS + r) * K + k) * es, _MM_HINT_T0);
-            a[r] = _mm512_fmadd_ps(load_w(w, r0 + r * K + k, live, bf16), _mm512_maskz_loadu_ps(live, x + k), a[r]);
+            a[r] = vf_fmadd(load_w(w, r0 + r * K + k, live, bf16), vf_loadm(x + k, live), a[r]);
         }
     }
-    for (int r = 0; r < 4; r++) y[n + r] = _mm512_reduce_add_ps(a[r]) + (bias ? bias[n + r] : 0.0f);
+    for (int r = 0; r < 4; r++) y[n + r] = vf_sum(a[r]) + (bias ? bias[n + r] : 0.0f);
 }
 
 /* [N, K], output row n for MM input rows */
 static inline __attribute__((always_inline)) void nk_row(const float *x, int64_t ldx, int64_t K, const void *w,
                                                          int64_t row, float b0, float *y, int64_t ldy, const int MM,
                                                          const int bf16) {
-    __m512 acc[4];
-    for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_ps();
+    vf acc[4];
+    for (int m = 0; m < MM; m++) acc[m] = vf_zero();
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 wv = load_w(w, row + k, live, bf16);
-        for (int m = 0; m < MM; m++) acc[m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(live, x + m * ldx + k), acc[m]);
+        const vm live = vm_first(K - k);
+        const vf wv = load_w(w, row + k, live, bf16);
+        for (int m = 0; m < MM; m++) acc[m] = vf_fmadd(wv, vf_loadm(x + m * ldx + k, live), acc[m]);
     }
-    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(acc[m]) + b0;
+    for (int m = 0; m < MM; m++) y[m * ldy] = vf_sum(acc[m]) + b0;
 }
 
 static inline __attribute__((always_inline)) void nk_body(const float *x, int64_t M, int64_t K, int64_t ldx,
@@ -182,8 +181,8 @@ static float *widen(const uint16_t *src, int64_t M, int64_t K, int64_t ld) {  /*
     float *out = alloc_rows(M, K);
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k += 16) {
-            const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-            _mm512_mask_storeu_ps(out + m * K + k, live, bf16_load512(src + m * ld + k, live));
+            const vm live = vm_first(K - k);
+            vf_storem(out + m * K + k, live, vf_bf16_load(src + m * ld + k, live));
         }
     return out;
 }
@@ -197,7 +196,7 @@ int gpt2kit_bf16_mm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     if (ln_w) {  /* the layer norm in float32, its output rounded to bf16 as the module's is */
         float *lw = widen(ln_w, 1, K, K), *lb = widen(ln_b, 1, K, K), *normed = alloc_rows(M, K);
         layer_norm_rows(xf, M, K, K, lw, lb, eps, normed);
-        for (int64_t i = 0; i < M * K; i += 16) _mm512_storeu_ps(normed + i, bf16_round512(_mm512_loadu_ps(normed + i)));
+        for (int64_t i = 0; i < M * K; i += 16) vf_store(normed + i, vf_bf16_round(vf_load(normed + i)));
         free(xf), free(lw), free(lb);
         xf = normed;
     }
@@ -206,12 +205,12 @@ int gpt2kit_bf16_mm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     else nk_product(xf, M, K, K, w, N, bf, yf, N, 1);
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = 0; n < N; n += 16) {
-            const __mmask16 live = N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n)) - 1);
-            __m512 v = _mm512_maskz_loadu_ps(live, yf + m * N + n);
-            if (act) v = gelu_tanh512(v);
+            const vm live = vm_first(N - n);
+            vf v = vf_loadm(yf + m * N + n, live);
+            if (act) v = vf_gelu_tanh(v);
             if (residual)  /* the product (+ bias, GELU) in bf16, then the sum */
-                v = _mm512_add_ps(bf16_round512(v), bf16_load512(residual + m * ldy + n, live));
-            bf16_store512(y + m * ldy + n, v, live);
+                v = vf_add(vf_bf16_round(v), vf_bf16_load(residual + m * ldy + n, live));
+            vf_bf16_store(y + m * ldy + n, v, live);
         }
     free(xf), free(bf), free(yf);
     return 0;

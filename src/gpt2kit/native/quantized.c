@@ -6,7 +6,7 @@
  * every block of `bs` consecutive inputs has its own 16-entry table, table[c] = code[c] * scale + zero:
  * NF4/FP4 pass their code values with scale = the block's absmax, zero = 0; affine int4 passes code = c - 8
  * with its group's scale and zero. The table lives in one AVX-512 register and one vpermps looks up 16
- * codes at a time.
+ * codes at a time (on AVX2, two vpermps and a blend look up 8).
  * int8: rows of K int8 values and one scale per row.
  *
  * Rows are handed out 16 at a time (dynamic schedule; guided for batch 1, whose long runs of consecutive
@@ -28,12 +28,6 @@
 #include "rows.h"
 
 #define MAX_M 16
-/* GPT2KIT_VNNI=0 turns the integer int4 kernel off (the float one runs): for A/B measurements and the tests that
- * hold one against the other; read every call, so a process can switch */
-static int vnni_allowed(void) {
-    const char *e = getenv("GPT2KIT_VNNI");
-    return !e || e[0] != '0';
-}
 /* Batch-1 kernels: how far ahead (in groups of four output rows) the rows are prefetched. A GPT-2 row is
  * only 384-3072 bytes, too short a stream for the hardware prefetcher to ramp up on four rows read side by
  * side: GPT-2 small's 49 int8 matrices (cold, 2 Xeon threads) took 12.5-17.2 ms without, 7.4-10.1 ms with
@@ -51,15 +45,14 @@ static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx, co
         x = normed, ldx = K;
     }
     float *buf = alloc_rows(M, K);
-    const __m512i ei = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i oi = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (int64_t m = 0; m < M; m++) {
         float *even = buf + m * K, *odd = even + K / 2;
         const float *row = x + m * ldx;
         for (int64_t j = 0; j < K / 2; j += 16) {  /* K % 32 == 0 */
-            const __m512 a = _mm512_loadu_ps(row + 2 * j), b = _mm512_loadu_ps(row + 2 * j + 16);
-            _mm512_storeu_ps(even + j, _mm512_permutex2var_ps(a, ei, b));
-            _mm512_storeu_ps(odd + j, _mm512_permutex2var_ps(a, oi, b));
+            vf e, o;
+            vf_even_odd(vf_load(row + 2 * j), vf_load(row + 2 * j + 16), &e, &o);
+            vf_store(even + j, e);
+            vf_store(odd + j, o);
         }
     }
     free(normed);
@@ -69,62 +62,68 @@ static float *deinterleave(const float *x, int64_t M, int64_t K, int64_t ldx, co
 /* one output row n for MM inputs (MM a compile-time constant, so the accumulators stay in registers; two
  * per input row, for the high and low nibbles, to keep two FMA chains in flight) */
 static inline __attribute__((always_inline)) void lut4_row(const float *xs, int64_t K, const uint8_t *row,
-                                                           const __m512 table0, const float *scale, const float *zero,
+                                                           const vf table0, const float *scale, const float *zero,
                                                            int64_t g0, int64_t bs, float b0, float *y, int64_t ldy,
                                                            const int MM) {
-    __m512 acc_hi[MAX_M], acc_lo[MAX_M];
-    for (int m = 0; m < MM; m++) acc_hi[m] = acc_lo[m] = _mm512_setzero_ps();
+    vf acc_hi[MAX_M], acc_lo[MAX_M];
+    for (int m = 0; m < MM; m++) acc_hi[m] = acc_lo[m] = vf_zero();
     const int64_t half = K / 2, blocks = K / bs;
     for (int64_t b = 0; b < blocks; b++) {
-        const __m512 table = zero ? _mm512_fmadd_ps(table0, _mm512_set1_ps(scale[g0 + b]), _mm512_set1_ps(zero[g0 + b]))
-                                  : _mm512_mul_ps(table0, _mm512_set1_ps(scale[g0 + b]));
+        const vf table = zero ? vf_fmadd(table0, vf_set1(scale[g0 + b]), vf_set1(zero[g0 + b]))
+                                  : vf_mul(table0, vf_set1(scale[g0 + b]));
         for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {  /* 16 bytes = 32 weights */
-            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
-            const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-            const __m512 lo = _mm512_permutexvar_ps(bytes, table);  /* the index's low 4 bits */
+            const vi bytes = vi_u8(row + j);
+            const vf hi = vf_lut16(vi_srl4(bytes), table);
+            const vf lo = vf_lut16(bytes, table);  /* the index's low 4 bits */
             for (int m = 0; m < MM; m++) {
-                acc_hi[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xs + m * K + j), acc_hi[m]);
-                acc_lo[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xs + m * K + half + j), acc_lo[m]);
+                acc_hi[m] = vf_fmadd(hi, vf_load(xs + m * K + j), acc_hi[m]);
+                acc_lo[m] = vf_fmadd(lo, vf_load(xs + m * K + half + j), acc_lo[m]);
             }
         }
     }
-    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc_hi[m], acc_lo[m])) + b0;
+    for (int m = 0; m < MM; m++) y[m * ldy] = vf_sum(vf_add(acc_hi[m], acc_lo[m])) + b0;
 }
 
 /* one input row (batch-1 decode), four output rows at once: eight independent FMA chains (two per row) where
  * lut4_row at one input row has two, and is bound by their latency (measured ~4 GB/s for GPT-2 small's 48
  * matrices on 2 Xeon threads) */
-static inline void lut4_rows4_m1(const float *xs, int64_t K, const uint8_t *w, const __m512 table0,
+static inline void lut4_rows4_m1(const float *xs, int64_t K, const uint8_t *w, const vf table0,
                                  const float *scale, const float *zero, int64_t bs, const float *bias, int64_t n,
                                  float *y) {
     const int64_t half = K / 2, blocks = K / bs;
-    __m512 hi[4], lo[4];
-    for (int r = 0; r < 4; r++) hi[r] = lo[r] = _mm512_setzero_ps();
+    vf hi[4], lo[4];
+    for (int r = 0; r < 4; r++) hi[r] = lo[r] = vf_zero();
     for (int64_t b = 0; b < blocks; b++) {
-        __m512 table[4];
+        vf table[4];
         for (int r = 0; r < 4; r++) {
             const int64_t g = (n + r) * blocks + b;
-            table[r] = zero ? _mm512_fmadd_ps(table0, _mm512_set1_ps(scale[g]), _mm512_set1_ps(zero[g]))
-                            : _mm512_mul_ps(table0, _mm512_set1_ps(scale[g]));
+            table[r] = zero ? vf_fmadd(table0, vf_set1(scale[g]), vf_set1(zero[g]))
+                            : vf_mul(table0, vf_set1(scale[g]));
         }
         for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {  /* 16 bytes = 32 weights a row */
             if ((j & 63) == 0)
                 for (int r = 0; r < 4; r++)
                     _mm_prefetch((const char *)(w + (n + r + PREFETCH_GROUPS * 4) * half + j), _MM_HINT_T0);
-            const __m512 xe = _mm512_loadu_ps(xs + j), xo = _mm512_loadu_ps(xs + half + j);
+            const vf xe = vf_load(xs + j), xo = vf_load(xs + half + j);
             for (int r = 0; r < 4; r++) {
-                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + (n + r) * half + j)));
-                hi[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table[r]), xe, hi[r]);
-                /* vpermps reads only the index's low 4 bits: the low nibble needs no mask (~5% a step) */
-                lo[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(bytes, table[r]), xo, lo[r]);
+                const vi bytes = vi_u8(w + (n + r) * half + j);
+                hi[r] = vf_fmadd(vf_lut16(vi_srl4(bytes), table[r]), xe, hi[r]);
+                /* the lookup reads only the index's low 4 bits: the low nibble needs no mask (~5% a step) */
+                lo[r] = vf_fmadd(vf_lut16(bytes, table[r]), xo, lo[r]);
             }
         }
     }
     for (int r = 0; r < 4; r++)
-        y[n + r] = _mm512_reduce_add_ps(_mm512_add_ps(hi[r], lo[r])) + (bias ? bias[n + r] : 0.0f);
+        y[n + r] = vf_sum(vf_add(hi[r], lo[r])) + (bias ? bias[n + r] : 0.0f);
 }
 
-#ifdef __AVX512VNNI__
+#if defined(GPT2KIT_AVX512) && defined(__AVX512VNNI__)
+/* GPT2KIT_VNNI=0 turns the integer int4 kernel off (the float one runs): for A/B measurements and the tests that
+ * hold one against the other; read every call, so a process can switch */
+static int vnni_allowed(void) {
+    const char *e = getenv("GPT2KIT_VNNI");
+    return !e || e[0] != '0';
+}
 /* Affine int4 at one input row by integer dot products: VNNI's vpdpbusd multiplies 64 unsigned 4-bit codes by 64
  * signed bytes an instruction, where the float kernel above spends six instructions on 32 weights (a widening, a
  * shift, two lookups, two FMAs). x is split into three 7-bit integer pieces, x ~ sigma (x1 + x2 / 128 + x3 / 128^2)
@@ -252,7 +251,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
                     float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w, const float *ln_b,
                     float eps) {
     if (M < 1 || M > MAX_M || K % bs || bs % 32 || N < 1) return -1;
-#ifdef __AVX512VNNI__
+#if defined(GPT2KIT_AVX512) && defined(__AVX512VNNI__)
     if (M == 1 && zero && (bs & (bs - 1)) == 0 && vnni_allowed()) {  /* affine int4 (integer codes), bs a power of 2 */
         float *normed = NULL;
         if (ln_w) {
@@ -268,7 +267,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
     }
 #endif
     float *xs = deinterleave(x, M, K, ldx, ln_w, ln_b, eps);
-    const __m512 table0 = _mm512_loadu_ps(code);
+    const vf table0 = vf_load(code);
     const int64_t blocks = K / bs, half = K / 2;
     if (M == 1) {
         const int64_t N4 = N / 4 * 4;
@@ -305,9 +304,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
 int gpt2kit_lut4_dequant(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, const float *code, const float *scale,
                          const float *zero, int64_t bs, float *out, const int64_t *ids) {
     if (K % bs || bs % 32) return -1;
-    const __m512 table0 = _mm512_loadu_ps(code);
-    const __m512i idx_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i idx_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const vf table0 = vf_load(code);
     const int64_t blocks = K / bs, half = K / 2;
     #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t i = n0; i < n1; i++) {
@@ -316,15 +313,15 @@ int gpt2kit_lut4_dequant(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, co
         float *dst = out + (i - n0) * K;
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t g = n * blocks + b;
-            const __m512 table = zero ? _mm512_fmadd_ps(table0, _mm512_set1_ps(scale[g]), _mm512_set1_ps(zero[g]))
-                                      : _mm512_mul_ps(table0, _mm512_set1_ps(scale[g]));
+            const vf table = zero ? vf_fmadd(table0, vf_set1(scale[g]), vf_set1(zero[g]))
+                                      : vf_mul(table0, vf_set1(scale[g]));
             for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {
-                const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
-                const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-                const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), table);
-                /* interleave back: hi[i] is input 2i, lo[i] input 2i + 1 */
-                _mm512_storeu_ps(dst + 2 * j, _mm512_permutex2var_ps(hi, idx_lo, lo));
-                _mm512_storeu_ps(dst + 2 * j + 16, _mm512_permutex2var_ps(hi, idx_hi, lo));
+                const vi bytes = vi_u8(row + j);
+                const vf hi = vf_lut16(vi_srl4(bytes), table), lo = vf_lut16(bytes, table);
+                vf first, second;  /* interleaved back: hi[i] is input 2i, lo[i] input 2i + 1 */
+                vf_interleave(hi, lo, &first, &second);
+                vf_store(dst + 2 * j, first);
+                vf_store(dst + 2 * j + 16, second);
             }
         }
     }
@@ -333,18 +330,16 @@ int gpt2kit_lut4_dequant(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, co
 
 static inline __attribute__((always_inline)) void int8_row(const float *x, int64_t ldx, int64_t K, const int8_t *row,
                                                            float s, float b0, float *y, int64_t ldy, const int MM) {
-    __m512 acc0[MAX_M], acc1[MAX_M];
-    for (int m = 0; m < MM; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+    vf acc0[MAX_M], acc1[MAX_M];
+    for (int m = 0; m < MM; m++) acc0[m] = acc1[m] = vf_zero();
     for (int64_t k = 0; k < K; k += 32) {  /* K % 32 == 0 */
-        const __m512i both = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(both)));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(both, 1)));
+        const vf w0 = vf_i8(row + k), w1 = vf_i8(row + k + 16);
         for (int m = 0; m < MM; m++) {
-            acc0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * ldx + k), acc0[m]);
-            acc1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * ldx + k + 16), acc1[m]);
+            acc0[m] = vf_fmadd(w0, vf_load(x + m * ldx + k), acc0[m]);
+            acc1[m] = vf_fmadd(w1, vf_load(x + m * ldx + k + 16), acc1[m]);
         }
     }
-    for (int m = 0; m < MM; m++) y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m])) * s + b0;
+    for (int m = 0; m < MM; m++) y[m * ldy] = vf_sum(vf_add(acc0[m], acc1[m])) * s + b0;
 }
 
 /* one input row (decode at batch 1), four output rows at once: four independent FMA chains share each load
@@ -354,7 +349,7 @@ static inline __attribute__((always_inline)) void int8_row(const float *x, int64
 static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, const float *scale, const float *bias,
                                  int64_t n, float *y) {
     const int8_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    vf a0 = vf_zero(), a1 = vf_zero(), a2 = vf_zero(), a3 = vf_zero();
     const int64_t ahead = PREFETCH_GROUPS * 4 * K;  /* the same columns of the rows PREFETCH_GROUPS groups on */
     for (int64_t k = 0; k < K; k += 16) {  /* K % 32 == 0 */
         if ((k & 63) == 0) {
@@ -363,16 +358,16 @@ static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, con
             _mm_prefetch((const char *)(r2 + ahead + k), _MM_HINT_T0);
             _mm_prefetch((const char *)(r3 + ahead + k), _MM_HINT_T0);
         }
-        const __m512 xv = _mm512_loadu_ps(x + k);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r0 + k)))), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r1 + k)))), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r2 + k)))), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r3 + k)))), xv, a3);
+        const vf xv = vf_load(x + k);
+        a0 = vf_fmadd(vf_i8(r0 + k), xv, a0);
+        a1 = vf_fmadd(vf_i8(r1 + k), xv, a1);
+        a2 = vf_fmadd(vf_i8(r2 + k), xv, a2);
+        a3 = vf_fmadd(vf_i8(r3 + k), xv, a3);
     }
-    y[n] = _mm512_reduce_add_ps(a0) * scale[n] + (bias ? bias[n] : 0.0f);
-    y[n + 1] = _mm512_reduce_add_ps(a1) * scale[n + 1] + (bias ? bias[n + 1] : 0.0f);
-    y[n + 2] = _mm512_reduce_add_ps(a2) * scale[n + 2] + (bias ? bias[n + 2] : 0.0f);
-    y[n + 3] = _mm512_reduce_add_ps(a3) * scale[n + 3] + (bias ? bias[n + 3] : 0.0f);
+    y[n] = vf_sum(a0) * scale[n] + (bias ? bias[n] : 0.0f);
+    y[n + 1] = vf_sum(a1) * scale[n + 1] + (bias ? bias[n + 1] : 0.0f);
+    y[n + 2] = vf_sum(a2) * scale[n + 2] + (bias ? bias[n + 2] : 0.0f);
+    y[n + 3] = vf_sum(a3) * scale[n + 3] + (bias ? bias[n + 3] : 0.0f);
 }
 
 /* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's */

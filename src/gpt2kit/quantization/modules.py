@@ -116,8 +116,8 @@ class QuantizedProjection(nn.Module):
         and the addresses of the stored tensors are built once (`_kernel_args`). None where this does not apply
         (not float32, not contiguous, too many rows, another activation, ...): the general path runs."""
         k = self.__dict__.get("_kernel")
-        if k is None or (k and k[3] != self._buffers["weight"].data_ptr()):  # new, or the weight's storage swapped
-            k = self._kernel_args()
+        if k is None or (k and (k[3] != self._buffers["weight"].data_ptr() or k[4] is not native.library())):
+            k = self._kernel_args()  # new, the weight's storage swapped, or another kernel build loaded
         if not k or x.dtype is not torch.float32 or not x.is_cpu:
             return None
         shape = x.shape
@@ -156,7 +156,7 @@ class QuantizedProjection(nn.Module):
 
     def _kernel_args(self):
         """(kernel, its arguments between x's and y's as addresses and ints, the variant names by status, the
-        weight's address) for `_decode_call`, cached until an attribute is set, the module is moved or cast, or its
+        weight's address, the library) for `_decode_call`, cached until an attribute is set, the module is moved or cast, or its
         weight's storage is swapped (checked each call); False where the fused kernel cannot take this module."""
         k = False
         b, bias = self._buffers, self._parameters.get("bias")
@@ -165,7 +165,7 @@ class QuantizedProjection(nn.Module):
         if lib is not None and on_cpu and self._fused(1) and (bias is None or bias.dtype is torch.float32):
             fn, static, names = self._kernel_spec(lib, bias)
             k = (fn, tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in static), names,
-                 b["weight"].data_ptr())
+                 b["weight"].data_ptr(), lib)
         self.__dict__["_kernel"] = k
         return k
 
