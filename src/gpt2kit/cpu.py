@@ -33,8 +33,10 @@ def cpu_flags() -> frozenset[str]:
 
 
 def limited() -> list[str]:
-    """The environment variables that lower the instruction set PyTorch / oneDNN use, as NAME=value."""
-    return [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    """The environment variables that lower the instruction set PyTorch / oneDNN / MKL / gpt2kit's own kernels
+    (native/__init__.py) use, as NAME=value."""
+    names = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "GPT2KIT_NATIVE_ISA")
+    return [f"{k}={os.environ[k]}" for k in names if os.environ.get(k)]
 
 
 def instruction_set() -> str:

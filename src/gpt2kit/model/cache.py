@@ -277,8 +277,8 @@ class StaticCache(Cache):
 
     def decode_kernel_fits(self) -> bool:
         """Whether decode_attention's kernel takes this cache: on the CPU, float32 or bfloat16, head_dim a
-        multiple of 16 up to 256, contiguous buffers, and the native library built for this CPU (AVX-512 and
-        a C compiler)."""
+        multiple of 16 up to 256, contiguous buffers, and the native library built for this CPU (AVX2 or
+        AVX-512, and a C compiler)."""
         kb, vb = self.key_cache[0], self.value_cache[0]
         D = kb.shape[-1]
         return (kb.device.type == "cpu" and kb.dtype in _DECODE_KERNEL_DTYPES and D % 16 == 0 and D <= 256

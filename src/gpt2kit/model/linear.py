@@ -12,7 +12,7 @@ decode step is running (see `decoding`) and what this CPU's oneDNN offers (onedn
            rows (by dtype), with the block's layer norm, the tanh GELU and the residual add in the same call: reading the
            weight as fast as MKL's one-row product, it saves the small ops around it, and makes the step only
            gpt2kit's kernels, which model/replay.py then replays without the Python between them. bfloat16
-           weights are widened to float32 in registers (any AVX-512 CPU, native bf16 or not).
+           weights are widened to float32 in registers (either build, AVX-512 or AVX2: native bf16 or not).
 - WIDENED: bfloat16 weights on a CPU without native bf16 products, where oneDNN's and ATen's bf16 GEMMs
            emulate bf16 and run 5-7x slower than float32 (measured on an AVX2 Zen 3: 4.1 against 29 tokens/s
            decoding GPT-2 small): computed from a packed float32 copy of the weight, output cast back to bf16.

@@ -7,7 +7,7 @@ on this CPU (README-quantization.md):
   in registers and read them once (0.5 byte a weight for 4-bit, 1 for int8);
 - more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
   product is bound by arithmetic, not by reading the weights;
-- without the native library (no compiler / no AVX-512) or off the CPU: PyTorch ops (the packed int8
+- without the native library (no compiler / neither AVX2 nor AVX-512) or off the CPU: PyTorch ops (the packed int8
   kernel, or dequantize-and-multiply), slower for 4-bit.
 Products are computed in float32 on the CPU, whatever compute dtype was asked for (bfloat16/float16
 activations are cast, once, in and out): the kernels decode to float32 anyway, and half-precision products
