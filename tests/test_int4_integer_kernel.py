@@ -1,6 +1,7 @@
-"""The integer int4 kernel (native/quantized.c, AVX512-VNNI CPUs, one input row): x split into three 7-bit pieces,
-codes multiplied by vpdpbusd. Held against a float64 product with the dequantized weights, and against the float
-kernel (GPT2KIT_VNNI=0) on the same module."""
+"""The integer int4 kernels (native/quantized.c, one input row: AVX512-VNNI's in the avx512 build of a CPU with VNNI,
+AVX2's in the avx2 build): x split into three 7-bit pieces, codes multiplied by vpdpbusd / vpmaddubsw. Held against a
+float64 product with the dequantized weights, and against the float kernel (GPT2KIT_VNNI=0) on the same module, once
+per build this CPU runs."""
 import math
 
 import pytest
@@ -10,8 +11,16 @@ from gpt2kit import native
 from gpt2kit.model.linear import decoding
 from gpt2kit.quantization.modules import LinearInt4
 
-pytestmark = pytest.mark.skipif(native.library() is None or not native.library().vnni,
-                                reason="the integer int4 kernel is built for CPUs with AVX512-VNNI only")
+pytestmark = pytest.mark.usefixtures("native_build")
+
+
+@pytest.fixture(autouse=True)
+def integer_kernel(native_build):
+    """The name of the integer kernel this build has (skips where it has none: the avx512 build without VNNI)."""
+    lib = native.library()
+    if lib is None or lib.int4_integer is None:
+        pytest.skip(f"the {native_build} build has no integer int4 kernel here")
+    return lib.int4_integer
 
 
 def _module(out_features, in_features, group_size, seed):
@@ -30,17 +39,18 @@ def _float_kernel(monkeypatch, m, *args, **kwargs):
         monkeypatch.delenv("GPT2KIT_VNNI")
 
 
-# (out, in, group): GPT-2 small's and XL's shapes (1600 / 2 bytes: a masked last chunk), rows left over past the
-# groups of four, groups of 64 and 128
-@pytest.mark.parametrize("shape", [(2304, 768, 32), (768, 3072, 32), (4802, 1600, 32), (10, 256, 64), (7, 512, 128)])
-def test_integer_kernel_matches_the_float64_product(monkeypatch, shape):
+# (out, in, group): GPT-2 small's and XL's shapes (1600 / 2 bytes: a masked last chunk of 64 bytes under VNNI), rows
+# left over past the groups of four, groups of 64 and 128, 288 / 2 bytes (a partial last chunk of 32 under AVX2)
+@pytest.mark.parametrize("shape", [(2304, 768, 32), (768, 3072, 32), (4802, 1600, 32), (10, 256, 64), (7, 512, 128),
+                                   (9, 288, 32)])
+def test_integer_kernel_matches_the_float64_product(monkeypatch, shape, integer_kernel):
     N, K, gs = shape
     m, g = _module(N, K, gs, seed=N + K)
     x = torch.randn(1, K, generator=g) * 3
     x[0, 5] = 40.0  # an outlier, as a layer norm's output has: the pieces are relative to max |x|
     want = x.double() @ m.dequantize().double().t() + m.bias.double()
     got = m(x)
-    assert m.last_kernel == "fused-int4-vnni"
+    assert m.last_kernel == integer_kernel
     scale = want.abs().max().item()
     err = (got.double() - want).abs().max().item() / scale
     assert err < 2e-5, err  # measured 2-4e-6 (the float kernel: ~2e-7)
@@ -58,7 +68,7 @@ def test_integer_kernel_propagates_nan_and_inf(monkeypatch):
         assert not torch.isfinite(got).all()
 
 
-def test_integer_kernel_with_the_layer_norm_prologue_and_epilogue(monkeypatch):
+def test_integer_kernel_with_the_layer_norm_prologue_and_epilogue(monkeypatch, integer_kernel):
     m, g = _module(3072, 768, 32, seed=2)
     norm = torch.nn.LayerNorm(768)
     with torch.no_grad():
@@ -68,7 +78,7 @@ def test_integer_kernel_with_the_layer_norm_prologue_and_epilogue(monkeypatch):
     res = torch.randn(1, 1, 3072, generator=g)
     with torch.inference_mode(), decoding(1, pack=False):
         got = m(x, "gelu_new", residual=res, norm=norm)
-        assert (m.last_kernel, m.last_prologue, m.last_epilogue) == ("fused-int4-vnni", "layer_norm", "gelu+residual")
+        assert (m.last_kernel, m.last_prologue, m.last_epilogue) == (integer_kernel, "layer_norm", "gelu+residual")
         h = norm(x).double() @ m.dequantize().double().t() + m.bias.double()
         want = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3))) + res.double()
         assert (got.double() - want).abs().max().item() / want.abs().max().item() < 2e-5

@@ -146,7 +146,7 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
     from gpt2kit import native
 
     lib = native.library()
-    one_row = "fused-int4-vnni" if lib is not None and lib.vnni else "fused-lut4"  # the kernel this build has
+    one_row = (lib.int4_integer if lib is not None else None) or "fused-lut4"  # the kernel this build has
     expected = [one_row, "fused-lut4", "dequantize+mm"] if native.library() is not None else None
     with torch.no_grad():
         for i, ids in enumerate((IDS[:, :1], IDS[:, :3], IDS.repeat(2, 2))):  # 1 row; <= 16 rows; the prefill (48)

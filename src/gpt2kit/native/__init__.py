@@ -117,7 +117,8 @@ def load(isa: str):
                lib.gpt2kit_bf16_mm, lib.gpt2kit_decode_attention):
         fn.restype = ctypes.c_int
     lib.isa = isa
-    lib.vnni = isa == "avx512" and "avx512_vnni" in cpu_flags()  # the integer int4 kernel is built (quantized.c)
+    # the one-row integer int4 kernel this build has (quantized.c), by the name the quantized modules report
+    lib.int4_integer = ("fused-int4-vnni" if "avx512_vnni" in cpu_flags() else None) if isa == "avx512" else "fused-int4-avx2"
     return lib
 
 

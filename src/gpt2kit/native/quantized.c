@@ -117,7 +117,15 @@ static inline void lut4_rows4_m1(const float *xs, int64_t K, const uint8_t *w, c
         y[n + r] = vf_sum(vf_add(hi[r], lo[r])) + (bias ? bias[n + r] : 0.0f);
 }
 
+/* The integer int4 kernels: AVX512-VNNI's (status 1) or AVX2's (status 2); the AVX-512 build of a CPU without VNNI
+ * has none (the float kernel runs) */
 #if defined(GPT2KIT_AVX512) && defined(__AVX512VNNI__)
+#define INT4_INTEGER 1
+#elif !defined(GPT2KIT_AVX512)
+#define INT4_INTEGER 2
+#endif
+
+#ifdef INT4_INTEGER
 /* GPT2KIT_VNNI=0 turns the integer int4 kernel off (the float one runs): for A/B measurements and the tests that
  * hold one against the other; read every call, so a process can switch */
 static int vnni_allowed(void) {
@@ -125,13 +133,14 @@ static int vnni_allowed(void) {
     return !e || e[0] != '0';
 }
 /* Affine int4 at one input row by integer dot products: VNNI's vpdpbusd multiplies 64 unsigned 4-bit codes by 64
- * signed bytes an instruction, where the float kernel above spends six instructions on 32 weights (a widening, a
- * shift, two lookups, two FMAs). x is split into three 7-bit integer pieces, x ~ sigma (x1 + x2 / 128 + x3 / 128^2)
- * with sigma = max|x| / 127 (|x1| <= 127, |x2|, |x3| <= 64), exact to ~3e-7 max|x|, so no activation precision
- * that float32 keeps is given up: the product stays weight-only. With w = (q - 8) s + z per group g:
+ * signed bytes an instruction (AVX2's vpmaddubsw + vpmaddwd take two for 32), where the float kernel above spends
+ * six instructions on 32 weights (a widening, a shift, two lookups, two FMAs; on AVX2 twice as many). x is split into
+ * three 7-bit integer pieces, x ~ sigma (x1 + x2 / 128 + x3 / 128^2) with sigma = max|x| / 127 (|x1| <= 127, |x2|,
+ * |x3| <= 64), exact to ~3e-7 max|x|, so no activation precision that float32 keeps is given up: the product stays
+ * weight-only. With w = (q - 8) s + z per group g:
  *     sum_k w_k x_k = sum_g s_g sum_{k in g} q_k x_k + sum_g (z_g - 8 s_g) Sx_g,   Sx_g = sum_{k in g} x_k
- * (the integer split follows the usual multi-limb idea; llama.cpp's q4_0 x q8_0 products use vpdpbusd on one
- * 8-bit piece, which rounds the activations). */
+ * (the integer split follows the usual multi-limb idea; llama.cpp's q4_0 x q8_0 products use vpdpbusd /
+ * vpmaddubsw on one 8-bit piece, which rounds the activations). */
 typedef struct {
     int8_t *pieces;  /* 6 arrays of `stride` bytes: piece 0..2 x (even inputs: high nibbles, odd: low nibbles) */
     int64_t stride;  /* K / 2 rounded up to 64, zero padded */
@@ -143,45 +152,59 @@ typedef struct {
  * == 0. Vectorised: this runs once a product, and a scalar loop (three roundings an input) cost ~0.4 ms of a GPT-2
  * small decode step. */
 static int split_x(const float *x, int64_t K, int64_t bs, xsplit *out) {
-    __m512 mx = _mm512_setzero_ps();
-    __mmask16 bad = 0;
+    vf mx = vf_zero();
+    int bad = 0;
     for (int64_t k = 0; k < K; k += 16) {
-        const __m512 v = _mm512_loadu_ps(x + k);
-        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);  /* inf - inf, NaN: NaN */
-        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        const vf v = vf_load(x + k);
+        bad |= vf_nonfinite(v);
+        mx = vf_max(mx, vf_abs(v));
     }
     if (bad) return -1;
-    const float m = _mm512_reduce_max_ps(mx);
+    const float m = vf_hmax(mx);
     const float sigma = m > 0.0f ? m / 127.0f : 1.0f;
-    const __m512 inv = _mm512_set1_ps(1.0f / sigma), r128 = _mm512_set1_ps(128.0f);
+    const vf inv = vf_set1(1.0f / sigma), r128 = vf_set1(128.0f);
     const int64_t stride = (K / 2 + 63) / 64 * 64;
     int8_t *buf = (int8_t *)aligned_alloc(64, (size_t)(6 * stride));
     float *gsum = (float *)aligned_alloc(64, ((size_t)(K / bs) * sizeof(float) + 63) / 64 * 64);
     memset(buf, 0, (size_t)(6 * stride));  /* the padding past K / 2 stays zero: the masked chunk's codes meet 0 */
     for (int64_t g = 0; g < K / bs; g++) gsum[g] = 0.0f;
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t k = 0; k < K; k += 32) {  /* 32 inputs: 16 even, 16 odd */
-        const __m512 lo = _mm512_loadu_ps(x + k), hi = _mm512_loadu_ps(x + k + 16);
-        gsum[k / bs] += _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        const vf lo = vf_load(x + k), hi = vf_load(x + k + 16);
+        gsum[k / bs] += vf_sum(vf_add(lo, hi));
+        vf parts[2];
+        vf_even_odd(lo, hi, &parts[0], &parts[1]);
         for (int o = 0; o < 2; o++) {
-            const __m512 v = _mm512_mul_ps(_mm512_permutex2var_ps(lo, o ? odd : even, hi), inv);
-            const __m512 a = _mm512_roundscale_ps(v, rnd);
-            const __m512 r = _mm512_mul_ps(_mm512_sub_ps(v, a), r128);  /* exact: v - a, and * 2^7 */
-            const __m512 b = _mm512_roundscale_ps(r, rnd);
-            const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(r, b), r128), rnd);
-            _mm_storeu_si128((__m128i *)(buf + (0 * 2 + o) * stride + k / 2), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
-            _mm_storeu_si128((__m128i *)(buf + (1 * 2 + o) * stride + k / 2), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(b)));
-            _mm_storeu_si128((__m128i *)(buf + (2 * 2 + o) * stride + k / 2), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
+            const vf v = vf_mul(parts[o], inv);
+            const vf a = vf_round(v);
+            const vf r = vf_mul(vf_sub(v, a), r128);  /* exact: v - a, and * 2^7 */
+            const vf b = vf_round(r);
+            const vf c = vf_round(vf_mul(vf_sub(r, b), r128));
+            vf_store_i8(buf + (0 * 2 + o) * stride + k / 2, a);
+            vf_store_i8(buf + (1 * 2 + o) * stride + k / 2, b);
+            vf_store_i8(buf + (2 * 2 + o) * stride + k / 2, c);
         }
     }
     out->pieces = buf, out->stride = stride, out->gsum = gsum, out->sigma = sigma;
     return 0;
 }
 
+/* y[n + r] from the rows' integer sums `tot` (units of sigma / 2^14): + sum_g (z_g - 8 s_g) Sx_g and the bias */
+static inline void int4_finish(const xsplit *xs, const float *scale, const float *zero, int64_t groups,
+                               const float *bias, int64_t n, float tot, float *y) {
+    float zt = 0.0f;
+    const float *sr = scale + n * groups, *zr = zero + n * groups;
+    for (int64_t g = 0; g < groups; g += 16) {
+        const vm m = vm_first(groups - g);
+        const vf off = vf_fnmadd(vf_set1(8.0f), vf_loadm(sr + g, m), vf_loadm(zr + g, m));
+        zt += vf_sum(vf_mul(off, vf_loadm(xs->gsum + g, m)));
+    }
+    y[n] = tot * (xs->sigma / 16384.0f) + zt + (bias ? bias[n] : 0.0f);
+}
+#endif
+
+#if INT4_INTEGER == 1
 /* R (1..4) consecutive output rows from n; rows K / 2 bytes, scale / zero [N, K / bs] */
-static inline __attribute__((always_inline)) void int4_vnni_rows_m1(const xsplit *xs, int64_t K, const uint8_t *w,
+static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsplit *xs, int64_t K, const uint8_t *w,
                                                                     const float *scale, const float *zero, int64_t bs,
                                                                     const float *bias, int64_t n, float *y, const int R) {
     const int64_t half = K / 2, groups = K / bs, S = xs->stride;
@@ -215,29 +238,75 @@ static inline __attribute__((always_inline)) void int4_vnni_rows_m1(const xsplit
             tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), sv, tot[r]);
         }
     }
-    const float unit = xs->sigma / 16384.0f;
-    for (int r = 0; r < R; r++) {
-        __m512 zt = _mm512_setzero_ps();  /* sum_g (z_g - 8 s_g) Sx_g */
-        const float *sr = scale + (n + r) * groups, *zr = zero + (n + r) * groups;
-        for (int64_t g = 0; g < groups; g += 16) {
-            const __mmask16 m = groups - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - g)) - 1);
-            const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), _mm512_maskz_loadu_ps(m, sr + g),
-                                                _mm512_maskz_loadu_ps(m, zr + g));
-            zt = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(m, xs->gsum + g), zt);
-        }
-        y[n + r] = _mm512_reduce_add_ps(tot[r]) * unit + _mm512_reduce_add_ps(zt) + (bias ? bias[n + r] : 0.0f);
-    }
+    for (int r = 0; r < R; r++) int4_finish(xs, scale, zero, groups, bias, n + r, _mm512_reduce_add_ps(tot[r]), y);
 }
 
+#elif INT4_INTEGER == 2
+/* The same on AVX2: vpmaddubsw multiplies 32 unsigned codes by 32 signed bytes and adds neighbouring pairs into
+ * int16 (at most 2 * 15 * 127: no saturation), two of them (high and low nibbles) add into one int16 vector
+ * (<= 7620), and vpmaddwd by (2^14, 2^7, 1) per piece adds those pairs into int32 lanes already weighted (<= 2^28).
+ * 32 bytes = 64 weights a row a step; lane i: bytes 4i .. 4i + 3, inputs 2j + 8i .. 2j + 8i + 7. */
+static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsplit *xs, int64_t K, const uint8_t *w,
+                                                                    const float *scale, const float *zero, int64_t bs,
+                                                                    const float *bias, int64_t n, float *y, const int R) {
+    const int64_t half = K / 2, groups = K / bs, S = xs->stride;
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i w14 = _mm256_set1_epi16(1 << 14), w7 = _mm256_set1_epi16(1 << 7), w0 = _mm256_set1_epi16(1);
+    __m256 tot[4];
+    for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < half; j += 32) {
+        for (int r = 0; r < R; r++)
+            if ((j & 63) == 0)
+                _mm_prefetch((const char *)(w + (n + r + PREFETCH_GROUPS * 4) * half + j), _MM_HINT_T0);
+        const int8_t *p = xs->pieces + j;
+        const __m256i e1 = _mm256_load_si256((const __m256i *)p), o1 = _mm256_load_si256((const __m256i *)(p + S)),
+                      e2 = _mm256_load_si256((const __m256i *)(p + 2 * S)), o2 = _mm256_load_si256((const __m256i *)(p + 3 * S)),
+                      e3 = _mm256_load_si256((const __m256i *)(p + 4 * S)), o3 = _mm256_load_si256((const __m256i *)(p + 5 * S));
+        const int64_t g0 = 2 * j / bs, ng = groups - g0 < 8 ? groups - g0 : 8;
+        const __m256i gidx = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)(2 * j)),
+                                                                                _mm256_slli_epi32(lane, 3)),
+                                                                __builtin_ctzll((unsigned long long)bs)),
+                                              _mm256_set1_epi32((int)g0));
+        const __m256i gmask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)ng), lane);
+        for (int r = 0; r < R; r++) {
+            const uint8_t *src = w + (n + r) * half + j;
+            __m256i v;
+            if (half - j >= 32) {
+                v = _mm256_loadu_si256((const __m256i *)src);
+            } else {  /* the row's last, partial chunk: its missing codes meet the pieces' zero padding */
+                uint8_t t[32] = {0};
+                memcpy(t, src, (size_t)(half - j));
+                v = _mm256_loadu_si256((const __m256i *)t);
+            }
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), lo = _mm256_and_si256(v, nib);
+            const __m256i a1 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, e1), _mm256_maddubs_epi16(lo, o1));
+            const __m256i a2 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, e2), _mm256_maddubs_epi16(lo, o2));
+            const __m256i a3 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, e3), _mm256_maddubs_epi16(lo, o3));
+            const __m256i a = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(a1, w14), _mm256_madd_epi16(a2, w7)),
+                                               _mm256_madd_epi16(a3, w0));
+            const __m256 sv = _mm256_permutevar8x32_ps(_mm256_maskload_ps(scale + (n + r) * groups + g0, gmask), gidx);
+            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, tot[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(tot[r]), _mm256_extractf128_ps(tot[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        int4_finish(xs, scale, zero, groups, bias, n + r, _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))), y);
+    }
+}
+#endif
+
+#ifdef INT4_INTEGER
 /* the whole batch-1 product, or -1 (x not finite): the float kernel runs instead */
-static int int4_vnni_m1(const float *x, int64_t K, const uint8_t *w, int64_t N, const float *scale, const float *zero,
+static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t N, const float *scale, const float *zero,
                         int64_t bs, const float *bias, float *y) {
     xsplit xs;
     if (split_x(x, K, bs, &xs)) return -1;
     const int64_t N4 = N / 4 * 4;
     #pragma omp parallel for schedule(guided, 4)
-    for (int64_t n = 0; n < N4; n += 4) int4_vnni_rows_m1(&xs, K, w, scale, zero, bs, bias, n, y, 4);
-    for (int64_t n = N4; n < N; n++) int4_vnni_rows_m1(&xs, K, w, scale, zero, bs, bias, n, y, 1);
+    for (int64_t n = 0; n < N4; n += 4) int4_integer_rows_m1(&xs, K, w, scale, zero, bs, bias, n, y, 4);
+    for (int64_t n = N4; n < N; n++) int4_integer_rows_m1(&xs, K, w, scale, zero, bs, bias, n, y, 1);
     free(xs.pieces);
     free(xs.gsum);
     return 0;
@@ -245,24 +314,25 @@ static int int4_vnni_m1(const float *x, int64_t K, const uint8_t *w, int64_t N, 
 #endif
 
 /* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's.
- * Returns 1 where the integer (VNNI) int4 kernel ran, 0 the float one, -1 for arguments it refuses. */
+ * Returns 1 or 2 where an integer int4 kernel ran (AVX512-VNNI's, AVX2's), 0 the float one, -1 for arguments it
+ * refuses. */
 int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
                     const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
                     float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w, const float *ln_b,
                     float eps) {
     if (M < 1 || M > MAX_M || K % bs || bs % 32 || N < 1) return -1;
-#if defined(GPT2KIT_AVX512) && defined(__AVX512VNNI__)
+#ifdef INT4_INTEGER
     if (M == 1 && zero && (bs & (bs - 1)) == 0 && vnni_allowed()) {  /* affine int4 (integer codes), bs a power of 2 */
         float *normed = NULL;
         if (ln_w) {
             normed = alloc_rows(1, K);
             layer_norm_rows(x, 1, K, ldx, ln_w, ln_b, eps, normed);
         }
-        const int rc = int4_vnni_m1(normed ? normed : x, K, w, N, scale, zero, bs, bias, y);
+        const int rc = int4_integer_m1(normed ? normed : x, K, w, N, scale, zero, bs, bias, y);
         free(normed);
         if (rc == 0) {
             epilogue(y, M, N, ldy, act, residual);
-            return 1;
+            return INT4_INTEGER;
         }
     }
 #endif

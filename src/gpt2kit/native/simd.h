@@ -41,6 +41,14 @@ AI vf vf_max(vf a, vf b) { return _mm512_max_ps(a, b); }  /* b where either is N
 AI vf vf_min(vf a, vf b) { return _mm512_min_ps(a, b); }  /* b where either is NaN */
 AI vf vf_round(vf a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 AI float vf_sum(vf a) { return _mm512_reduce_add_ps(a); }
+AI float vf_hmax(vf a) { return _mm512_reduce_max_ps(a); }
+AI vf vf_abs(vf a) { return _mm512_abs_ps(a); }
+AI int vf_nonfinite(vf a) {  /* whether a lane is NaN or infinite: a - a is NaN there */
+    return _mm512_cmp_ps_mask(_mm512_sub_ps(a, a), _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0;
+}
+AI void vf_store_i8(int8_t *p, vf a) {  /* 16 lanes, integral and in [-128, 127], stored as int8 */
+    _mm_storeu_si128((__m128i *)p, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+}
 /* a 2^i, i integral in [-126, 127] */
 AI vf vf_scale2(vf a, vf i) { return _mm512_scalef_ps(a, i); }
 
@@ -132,6 +140,26 @@ AI float vf_sum(vf x) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+AI float vf_hmax(vf x) {
+    const __m256 s = _mm256_max_ps(x.a, x.b);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+AI vf vf_abs(vf x) {
+    const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    return vf_pair(_mm256_and_ps(x.a, m), _mm256_and_ps(x.b, m));
+}
+AI int vf_nonfinite(vf x) {
+    const __m256 z = _mm256_setzero_ps();
+    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(_mm256_sub_ps(x.a, x.a), z, _CMP_NEQ_UQ),
+                                           _mm256_cmp_ps(_mm256_sub_ps(x.b, x.b), z, _CMP_NEQ_UQ))) != 0;
+}
+AI void vf_store_i8(int8_t *p, vf x) {
+    /* packs work within 128-bit halves: a0-3 b0-3 | a4-7 b4-7, put back in order, then to bytes */
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(x.a), _mm256_cvtps_epi32(x.b)), 0xD8);
+    _mm_storeu_si128((__m128i *)p, _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
 }
 AI __m256 scale2_8(__m256 a, __m256 i) {  /* a 2^i: 2^i built in the exponent field (i in [-126, 127]: normal) */
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);

@@ -347,9 +347,9 @@ class LinearInt4(QuantizedProjection):
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
-        # status 1: at one row on a CPU with AVX512-VNNI, integer dot products over x split into three 7-bit pieces
+        # status 1 / 2: at one row, integer dot products over x split into three 7-bit pieces (AVX512-VNNI / AVX2)
         return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["code"], b["scales"], b["zeros"], self.group_size,
-                                      bias), ("fused-lut4", "fused-int4-vnni"))
+                                      bias), ("fused-lut4", "fused-int4-vnni", "fused-int4-avx2"))
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
