@@ -70,7 +70,7 @@ static inline __attribute__((always_inline)) void lut4_row(const float *xs, int6
     const int64_t half = K / 2, blocks = K / bs;
     for (int64_t b = 0; b < blocks; b++) {
         const vf table = zero ? vf_fmadd(table0, vf_set1(scale[g0 + b]), vf_set1(zero[g0 + b]))
-                                  : vf_mul(table0, vf_set1(scale[g0 + b]));
+                              : vf_mul(table0, vf_set1(scale[g0 + b]));
         for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {  /* 16 bytes = 32 weights */
             const vi bytes = vi_u8(row + j);
             const vf hi = vf_lut16(vi_srl4(bytes), table);
@@ -384,7 +384,7 @@ int gpt2kit_lut4_dequant(const uint8_t *w, int64_t n0, int64_t n1, int64_t K, co
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t g = n * blocks + b;
             const vf table = zero ? vf_fmadd(table0, vf_set1(scale[g]), vf_set1(zero[g]))
-                                      : vf_mul(table0, vf_set1(scale[g]));
+                                  : vf_mul(table0, vf_set1(scale[g]));
             for (int64_t j = b * bs / 2; j < (b + 1) * bs / 2; j += 16) {
                 const vi bytes = vi_u8(row + j);
                 const vf hi = vf_lut16(vi_srl4(bytes), table), lo = vf_lut16(bytes, table);
