@@ -1,0 +1,37 @@
+"""Choosing a build of gpt2kit's kernels (native/__init__.py): the best one the CPU runs, or the one
+GPT2KIT_NATIVE_ISA names; a wrong name or a build this CPU cannot run is a user error that says what to do."""
+import pytest
+
+from gpt2kit import native
+from gpt2kit.errors import InvalidInputError
+
+
+def test_an_unknown_build_name_is_refused_with_the_names(monkeypatch):
+    monkeypatch.setenv("GPT2KIT_NATIVE_ISA", "avx1024")
+    with pytest.raises(InvalidInputError, match="avx1024.*avx512, avx2"):
+        native.chosen_isa.__wrapped__()  # uncached: the process's own choice stays as it is
+
+
+def test_a_build_this_cpu_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setattr(native, "runnable_isas", lambda: ["avx2"])  # as on an AVX2-only CPU
+    with pytest.raises(InvalidInputError, match="cannot run gpt2kit's 'avx512' kernels.*runs: avx2.*GPT2KIT_NATIVE_ISA"):
+        native.load.__wrapped__("avx512")
+
+
+def test_the_default_is_the_best_build_this_cpu_runs(monkeypatch):
+    monkeypatch.delenv("GPT2KIT_NATIVE_ISA", raising=False)
+    monkeypatch.delenv("GPT2KIT_NATIVE_KERNELS", raising=False)
+    runnable = native.runnable_isas()
+    assert native.chosen_isa.__wrapped__() == (runnable[0] if runnable else None)
+    monkeypatch.setenv("GPT2KIT_NATIVE_KERNELS", "0")
+    assert native.chosen_isa.__wrapped__() is None
+
+
+@pytest.mark.skipif(not native.runnable_isas(), reason="this CPU runs neither build")
+def test_each_build_names_itself_and_its_integer_int4_kernel():
+    for isa in native.runnable_isas():
+        lib = native.load(isa)
+        if lib is None:
+            pytest.skip("no C compiler")
+        assert lib.isa == isa
+        assert lib.int4_integer in (("fused-int4-vnni", None) if isa == "avx512" else ("fused-int4-avx2",))
