@@ -35,3 +35,27 @@ def test_each_build_names_itself_and_its_integer_int4_kernel():
             pytest.skip("no C compiler")
         assert lib.isa == isa
         assert lib.int4_integer in (("fused-int4-vnni", None) if isa == "avx512" else ("fused-int4-avx2",))
+
+
+@pytest.mark.usefixtures("native_build")
+def test_4bit_products_switch_to_blas_past_the_builds_row_limit():
+    """The fused 4-bit lookup kernel runs up to LUT4_MAX_ROWS[build] rows (16 under AVX-512, 12 under AVX2, where
+    the lookup costs more: measured in quantization/modules.py), decoding into float32 and BLAS past it; both
+    match the dequantized weights."""
+    import torch
+
+    from gpt2kit.quantization.modules import LUT4_MAX_ROWS, LinearInt4
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip("no build of the kernels here")
+    g = torch.Generator().manual_seed(0)
+    m = LinearInt4(torch.randn(48, 256, generator=g) * 0.02, torch.randn(48, generator=g) * 0.01, 32)
+    limit = LUT4_MAX_ROWS[lib.isa]
+    with torch.inference_mode():
+        for rows, kernel in ((limit, "fused-lut4"), (limit + 1, "dequantize+mm")):
+            x = torch.randn(rows, 256, generator=g)
+            y = m(x)
+            assert m.last_kernel == kernel, (rows, m.last_kernel)
+            want = x.double() @ m.dequantize().double().t() + m.bias.double()
+            assert (y.double() - want).abs().max().item() < 1e-5 * want.abs().max().item()

@@ -3,8 +3,9 @@
 
 Each holds one matrix in its stored format (formats.py) and picks its kernel by batch size, as measured
 on this CPU (README-quantization.md):
-- up to SMALL_BATCH rows (decode, small batches): the fused kernels of native/quantized.c, which decode the weights
-  in registers and read them once (0.5 byte a weight for 4-bit, 1 for int8);
+- up to SMALL_BATCH rows (decode, small batches; 4-bit in the AVX2 build: LUT4_MAX_ROWS): the fused kernels of
+  native/quantized.c, which decode the weights in registers and read them once (0.5 byte a weight for 4-bit, 1 for
+  int8);
 - more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
   product is bound by arithmetic, not by reading the weights;
 - without the native library (no compiler / neither AVX2 nor AVX-512) or off the CPU: PyTorch ops (the packed int8
@@ -29,6 +30,11 @@ from ..model.linear import TANH_GELUS, apply_activation, in_decode
 logger = logging.getLogger("gpt2kit.quantization")
 
 SMALL_BATCH = 16  # rows up to which the fused kernels run (native/quantized.c MAX_M)
+# 4-bit: rows up to which the fused lookup kernel beats decoding into float32 and BLAS, by kernel build. Measured
+# (GPT-2 XL's four block shapes x 2, LinearInt4 g32, 2 Xeon threads): avx512 fused faster at every row count up to
+# 16 (29.9 against 49.0 ms at 16); avx2 (PyTorch, oneDNN, MKL held to AVX2 too) 26.8 / 37.2 / 41.2 / 65.6 ms at 8 /
+# 10 / 12 / 16 rows against 39.4 / 41.0 / 42.4 / 46.9: its lookup costs four instructions per eight weights
+LUT4_MAX_ROWS = {"avx512": 16, "avx2": 12}
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
@@ -123,7 +129,7 @@ class QuantizedProjection(nn.Module):
         shape = x.shape
         lead = shape[:-1]
         M = math.prod(lead)
-        if shape[-1] != self.in_features or M > SMALL_BATCH or not x.is_contiguous():
+        if shape[-1] != self.in_features or M > k[5] or not x.is_contiguous():
             return None
         act = 0
         if activation is not None:
@@ -154,9 +160,14 @@ class QuantizedProjection(nn.Module):
         d["last_prologue"] = "layer_norm" if ln_w else ""
         return y
 
+    _row_limits = None  # by kernel build (lib.isa): the most rows the fused kernel takes (None: SMALL_BATCH)
+
+    def _max_rows(self, lib) -> int:
+        return self._row_limits.get(lib.isa, SMALL_BATCH) if self._row_limits else SMALL_BATCH
+
     def _kernel_args(self):
         """(kernel, its arguments between x's and y's as addresses and ints, the variant names by status, the
-        weight's address, the library) for `_decode_call`, cached until an attribute is set, the module is moved or cast, or its
+        weight's address, the library, the most rows it takes) for `_decode_call`, cached until an attribute is set, the module is moved or cast, or its
         weight's storage is swapped (checked each call); False where the fused kernel cannot take this module."""
         k = False
         b, bias = self._buffers, self._parameters.get("bias")
@@ -165,7 +176,7 @@ class QuantizedProjection(nn.Module):
         if lib is not None and on_cpu and self._fused(1) and (bias is None or bias.dtype is torch.float32):
             fn, static, names = self._kernel_spec(lib, bias)
             k = (fn, tuple(t.data_ptr() if isinstance(t, torch.Tensor) else t for t in static), names,
-                 b["weight"].data_ptr(), lib)
+                 b["weight"].data_ptr(), lib, self._max_rows(lib))
         self.__dict__["_kernel"] = k
         return k
 
@@ -230,6 +241,8 @@ class QuantizedProjection(nn.Module):
 class Linear4bit(QuantizedProjection):
     """bitsandbytes' 4-bit format (NF4 / FP4, optional double quant), exactly as stored by it."""
 
+    _row_limits = LUT4_MAX_ROWS
+
     def __init__(self, q: Q.Quantized4bit, bias: torch.Tensor | None, compute_dtype=None):
         out_features, in_features = q.shape
         super().__init__(in_features, out_features, bias, compute_dtype)
@@ -269,7 +282,8 @@ class Linear4bit(QuantizedProjection):
         return out
 
     def _fused(self, M: int) -> bool:
-        return M <= SMALL_BATCH and self._fused_ok() and native.library() is not None
+        lib = native.library()
+        return lib is not None and M <= self._max_rows(lib) and self._fused_ok()
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
@@ -293,6 +307,8 @@ class Linear4bit(QuantizedProjection):
 class LinearInt4(QuantizedProjection):
     """Affine int4 per group of `group_size` inputs (TorchAoConfig('int4_weight_only')): codes in the same
     nibble layout as bitsandbytes' 4-bit (row-major, high nibble first), w = (q - 8) * scale + zero."""
+
+    _row_limits = LUT4_MAX_ROWS
 
     mode = "int4"
 
@@ -343,7 +359,8 @@ class LinearInt4(QuantizedProjection):
         return out
 
     def _fused(self, M: int) -> bool:
-        return M <= SMALL_BATCH and native.library() is not None
+        lib = native.library()
+        return lib is not None and M <= self._max_rows(lib)
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
@@ -397,7 +414,8 @@ class Linear8bit(QuantizedProjection):
         return Q.dequantize_int8_rowwise(self.weight[ids], self.SCB[ids])
 
     def _fused(self, M: int) -> bool:
-        return M <= SMALL_BATCH and self.in_features % 32 == 0 and native.library() is not None
+        lib = native.library()
+        return lib is not None and M <= self._max_rows(lib) and self.in_features % 32 == 0
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
