@@ -104,11 +104,13 @@ def child(spec):
                 model.generate(ids, **kw)
                 times.append(time.perf_counter() - t)
         result[f"tok_s_b{batch}"] = batch * spec["new"] / statistics.median(times)
+        if lib == "gpt2kit":  # the kernels the last decode step at this batch ran
+            from gpt2kit.quantization.replace import quantized_modules
+
+            result[f"kernels_b{batch}"] = sorted({m.last_kernel for m in quantized_modules(model).values()})
     result["peak_rss"] = rss_status()["VmHWM"]
     if lib == "gpt2kit":
-        from gpt2kit.quantization.replace import quantized_modules
-
-        result["kernels"] = sorted({m.last_kernel for m in quantized_modules(model).values()})
+        result["kernels"] = sorted({k for b in spec["batches"] for k in result[f"kernels_b{b}"]})
     print("RESULT " + json.dumps(result), flush=True)
 
 
