@@ -289,11 +289,7 @@ static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsp
             tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, tot[r]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(tot[r]), _mm256_extractf128_ps(tot[r], 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        int4_finish(xs, scale, zero, groups, bias, n + r, _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))), y);
-    }
+    for (int r = 0; r < R; r++) int4_finish(xs, scale, zero, groups, bias, n + r, hsum8(tot[r]), y);
 }
 #endif
 

@@ -135,12 +135,12 @@ AI vf vf_round(vf x) {
     const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     return vf_pair(_mm256_round_ps(x.a, r), _mm256_round_ps(x.b, r));
 }
-AI float vf_sum(vf x) {
-    const __m256 s = _mm256_add_ps(x.a, x.b);
+AI float hsum8(__m256 s) {  /* the sum of 8 lanes */
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
+AI float vf_sum(vf x) { return hsum8(_mm256_add_ps(x.a, x.b)); }
 AI float vf_hmax(vf x) {
     const __m256 s = _mm256_max_ps(x.a, x.b);
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));

@@ -42,8 +42,8 @@ NO_NORM = native.NO_NORM
 
 
 class QuantizedProjection(nn.Module):
-    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_fused(M)`: whether the fused
-    kernel takes M rows, `_product(x, lead, act, res, ln) -> (y, fused)` for x (*lead, in) float32 contiguous on
+    """Base: y = x @ W^T + b with W [out, in] held quantized. Subclasses provide `_fused_ok()`: whether the fused
+    kernel takes this matrix's shape (`_fused(M)` adds the library and the row count), `_product(x, lead, act, res, ln) -> (y, fused)` for x (*lead, in) float32 contiguous on
     the CPU (the fused branch: `_fused_product`, over the kernel and stored tensors `_kernel_spec(lib, bias)`
     names): fused, y (*lead, out) from a fused kernel that layer-normed x first (ln: weight, bias, eps, or
     NO_NORM), applied act (1: tanh GELU) and added res itself; else y (M, out) (the fused kernels read and write
@@ -165,10 +165,19 @@ class QuantizedProjection(nn.Module):
     def _max_rows(self, lib) -> int:
         return self._row_limits.get(lib.isa, SMALL_BATCH) if self._row_limits else SMALL_BATCH
 
+    def _fused_ok(self) -> bool:  # whether the fused kernel takes this matrix's shape
+        return True
+
+    def _fused(self, M: int) -> bool:
+        """Whether the fused kernel runs M rows: the library is built, M is within its row limit, the shape fits."""
+        lib = native.library()
+        return lib is not None and M <= self._max_rows(lib) and self._fused_ok()
+
     def _kernel_args(self):
         """(kernel, its arguments between x's and y's as addresses and ints, the variant names by status, the
-        weight's address, the library, the most rows it takes) for `_decode_call`, cached until an attribute is set, the module is moved or cast, or its
-        weight's storage is swapped (checked each call); False where the fused kernel cannot take this module."""
+        weight's address, the library, the most rows it takes) for `_decode_call`, cached until an attribute is set,
+        the module is moved or cast, its weight's storage is swapped or another library is loaded (checked each
+        call); False where the fused kernel cannot take this module."""
         k = False
         b, bias = self._buffers, self._parameters.get("bias")
         lib = native.library()
@@ -281,10 +290,6 @@ class Linear4bit(QuantizedProjection):
                     self.blocksize, out, None)
         return out
 
-    def _fused(self, M: int) -> bool:
-        lib = native.library()
-        return lib is not None and M <= self._max_rows(lib) and self._fused_ok()
-
     def _kernel_spec(self, lib, bias):
         b = self._buffers
         return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["quant_map"], b["absmax"], 0, self.blocksize, bias),
@@ -358,10 +363,6 @@ class LinearInt4(QuantizedProjection):
                     self.group_size, out, None)
         return out
 
-    def _fused(self, M: int) -> bool:
-        lib = native.library()
-        return lib is not None and M <= self._max_rows(lib)
-
     def _kernel_spec(self, lib, bias):
         b = self._buffers
         # status 1 / 2: at one row, integer dot products over x split into three 7-bit pieces (AVX512-VNNI / AVX2)
@@ -413,9 +414,8 @@ class Linear8bit(QuantizedProjection):
         """The dequantized rows `ids` (n,) -> (n, in) float32 (an embedding lookup)."""
         return Q.dequantize_int8_rowwise(self.weight[ids], self.SCB[ids])
 
-    def _fused(self, M: int) -> bool:
-        lib = native.library()
-        return lib is not None and M <= self._max_rows(lib) and self.in_features % 32 == 0
+    def _fused_ok(self) -> bool:
+        return self.in_features % 32 == 0
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
