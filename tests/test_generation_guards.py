@@ -130,3 +130,13 @@ def test_nan_logits_on_a_gpu_are_caught_without_a_read_back_per_step(model):
     fine = GPT2LMHeadModel(model.config).eval().cuda()
     fine.load_state_dict(model.state_dict())
     assert torch.equal(fine.generate(ids, max_new_tokens=9).cpu(), model.generate(ids.cpu(), max_new_tokens=9))
+
+
+def test_nonfinite_rows_names_exactly_the_rows_with_a_nan_or_inf():
+    logits = torch.randn(6, 50257) * 30  # large finite values: the one-sum rule must not overflow on them
+    logits[1, 7] = float("nan")
+    logits[2, 0] = float("inf")
+    logits[3, -1] = float("-inf")
+    logits[4, 5], logits[4, 9] = float("inf"), float("-inf")  # their sum is NaN, still caught
+    expected = ~torch.isfinite(logits).all(-1)
+    assert guards.nonfinite_rows(logits).tolist() == expected.tolist() == [False, True, True, True, True, False]

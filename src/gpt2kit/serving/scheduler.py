@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation.guards import nonfinite_rows
 from ..model import linear
 from ..model.cache import StaticCache
 from ..model.replay import DecodeReplay
@@ -421,7 +422,7 @@ class Engine:
 
     def _sample_and_accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """logits (B, V) float32 -> one new token for each of `seqs`."""
-        finite = torch.isfinite(logits).all(-1).tolist()  # (B,) a model that produced inf/nan fails its rows only
+        finite = (~nonfinite_rows(logits)).tolist()  # (B,) a model that produced inf/nan fails its rows only
         ok = [i for i, f in enumerate(finite) if f]
         for i, f in enumerate(finite):
             if not f:
