@@ -161,6 +161,17 @@ def test_chat_whole_and_streamed(client):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_chat_accepts_the_default_values_clients_send(client):
+    """Fields OpenAI clients fill in with their defaults (plain text, no tools, nothing stored) change nothing."""
+    messages = [{"role": "user", "content": "Who is there?"}]
+    plain = client.chat.completions.create(model="gpt2kit-default", messages=messages, max_tokens=6, temperature=0)
+    dressed = client.chat.completions.create(
+        model="gpt2kit-default", messages=messages, max_tokens=6, temperature=0, response_format={"type": "text"},
+        tool_choice="none", parallel_tool_calls=False, store=False, metadata={"run": "test"}, service_tier="auto",
+        modalities=["text"], tools=[])
+    assert dressed.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_chat_logprobs(client):
     out = client.chat.completions.create(model="gpt2kit-default", messages=[{"role": "user", "content": "Hail"}],
                                          max_completion_tokens=4, temperature=0, logprobs=True, top_logprobs=2)

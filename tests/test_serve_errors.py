@@ -88,6 +88,17 @@ CHAT_CASES = [
     ({"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404, "model", []),
     ({"messages": [{"role": "assistant", "content": "x"}], "continue_final_message": True}, 400,
      "continue_final_message", ["add_generation_prompt"]),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools", ["not supported"]),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, 400, "tool_choice", ["tools"]),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+     "response_format", ["text"]),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "text", "json_schema": {}}}, 400,
+     "response_format", []),
+    ({"messages": [{"role": "user", "content": "x"}], "store": True}, 400, "store", []),
+    ({"messages": [{"role": "user", "content": "x"}], "service_tier": "flex"}, 400, "service_tier", ["flex"]),
+    ({"messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, 400, "modalities", []),
+    ({"messages": [{"role": "user", "content": "x"}], "metadata": {"a": 1}}, 400, "metadata.a", []),
 ]
 
 

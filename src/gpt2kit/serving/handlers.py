@@ -252,6 +252,7 @@ class CompletionContext:
 # -- /v1/chat/completions -----------------------------------------------------------------------------
 async def create_chat_completion(state, req: ChatCompletionRequest, request):
     state.check_model(req.model)
+    req.check_fields()
     limits = state.limits
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError("`top_logprobs` needs `logprobs: true`.", param="top_logprobs")

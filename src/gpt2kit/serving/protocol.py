@@ -102,6 +102,38 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    # OpenAI fields that clients send with their default values: accepted where the value asks for what this
+    # server does anyway (plain text, no tools, nothing stored), a 400 naming the field otherwise (check_fields)
+    tools: list[dict] | None = None
+    tool_choice: Union[str, dict, None] = None
+    parallel_tool_calls: bool | None = None  # only says how tools may be called: there are none
+    response_format: dict | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # labels, as `user` (OpenAI keeps them only with store)
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+
+    def check_fields(self) -> None:
+        """Refuse, naming the field, what GPT-2 or this server cannot do: tools, structured output, storing,
+        a processing tier, output other than text."""
+        if self.tools:
+            raise APIError("`tools` (function calling) is not supported: GPT-2 has no tool-calling format. Send the "
+                           "request without tools.", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(f"`tool_choice` {_short(self.tool_choice)} needs tools, which are not supported; send "
+                           "\"none\" or leave it out.", param="tool_choice")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text" or set(self.response_format or {}) - {"type"}:
+            raise APIError(f"`response_format` {_short(self.response_format)} is not supported: this server "
+                           "generates plain text only (type \"text\").", param="response_format")
+        if self.store:
+            raise APIError("`store: true` is not supported: this server keeps no completions.", param="store")
+        if self.service_tier not in (None, "auto", "default"):
+            raise APIError(f"`service_tier` {self.service_tier!r} is not offered: this server has one tier "
+                           "(\"auto\" or \"default\").", param="service_tier")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise APIError(f"`modalities` {self.modalities!r} is not supported: GPT-2 outputs text only ([\"text\"]).",
+                           param="modalities")
 
 
 class TokenizeRequest(_Strict):
