@@ -148,3 +148,34 @@ def test_continue_final_message_under_a_trimming_template():
     want = tok.apply_chat_template(messages, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=False,
                                    continue_final_message=True)
     assert ChatTemplate(TEMPLATE, "test").render(messages, False, {}, continue_final_message=True) == want
+
+
+def test_model_impl_transformers_as_the_page_writes_it(tmp_path):
+    """`vllm serve MODEL --model-imp transformers` (the page's command, vLLM's --model-impl abbreviated) with gpt2kit:
+    the model is checked against transformers' GPT2LMHeadModel at load, then served; with --quantize it is refused."""
+    pytest.importorskip("transformers")
+    srv = ServerProcess("--no-ui", "--model-imp", "transformers")
+    try:
+        assert any("--model-impl transformers" in line and "transformers' GPT2LMHeadModel" in line for line in srv.stdout)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 3, "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        assert srv.stop() == 0
+    (quantized,) = run_clis(["--model-impl", "transformers", "--quantize", "int8"])
+    assert quantized.returncode == 1 and "--quantize" in quantized.stderr and "Traceback" not in quantized.stderr
+
+
+def test_model_impl_check_refuses_a_model_that_computes_otherwise():
+    pytest.importorskip("transformers")
+    import torch
+
+    from gpt2kit import GPT2Config, GPT2LMHeadModel
+    from gpt2kit.errors import GPT2KitError
+    from gpt2kit.serving.parity import check_against_transformers
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)).eval()
+    assert check_against_transformers(model) < 1e-4
+    model.transformer.h[1].ln_2.eps = 0.5  # not in the config transformers' model is built from: ours now differs
+    with pytest.raises(GPT2KitError, match="differ from transformers"):
+        check_against_transformers(model)

@@ -20,6 +20,7 @@ import time
 from ..errors import GPT2KitError
 
 DEFAULT_NAME = "gpt2kit-default"
+MODEL_IMPLS = ("auto", "gpt2kit", "transformers")
 GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")  # what vLLM takes from it
 
 
@@ -52,6 +53,10 @@ def add_serve(sub):
     p.add_argument("--generation-config", choices=("auto", "vllm"), default="auto",
                    help="auto: unset sampling fields default to the model's generation_config.json (as vLLM); "
                         "vllm: to the OpenAI defaults")
+    p.add_argument("--model-impl", choices=MODEL_IMPLS, default="auto",
+                   help="the model's implementation: gpt2kit's own (auto, gpt2kit); transformers: gpt2kit's, first "
+                        "checked at load against transformers' GPT2LMHeadModel on the same weights (the server refuses "
+                        "to start where their logits differ), as the page's `vllm serve ... --model-imp transformers` asks")
     p.add_argument("--drain-timeout", type=positive_float, default=30.0, help="seconds to let running requests finish on SIGTERM")
     p.add_argument("--no-ui", action="store_true", help="do not serve the playground page at /")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
@@ -95,8 +100,17 @@ def load_engine(state, args) -> None:
     from .metrics import Metrics
     from .scheduler import Engine
 
+    if args.model_impl == "transformers" and args.quantize:
+        raise GPT2KitError("--model-impl transformers checks gpt2kit's model against transformers' on the float "
+                           "weights; it does not combine with --quantize. Drop one of them.")
     model, tok, _ = load_model_and_tokenizer(args.model, args.device, args.dtype, args.quantize,
                                               args.quantize_embeddings)
+    if args.model_impl == "transformers":
+        from .parity import check_against_transformers
+
+        diff = check_against_transformers(model)
+        print(f"gpt2kit serve: --model-impl transformers: gpt2kit's model gives transformers' GPT2LMHeadModel's logits "
+              f"on these weights (largest difference {diff:.1e}); serving gpt2kit's", flush=True)
     cfg = model.config
     source = args.model if args.model is not None else default_model_dir()
     max_len = args.max_model_len or cfg.n_positions
