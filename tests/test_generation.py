@@ -123,13 +123,12 @@ def test_finished_rows_leave_the_batch(sdpa_pair, monkeypatch):
     ids, mask = prompts(batch=4)
     eos = eos_that_fires(hf, ids, mask, step=1, row=0)
     sizes = []
-    real_step = runner_mod.DecodeRunner.step
+    for name in ("step", "step_greedy"):  # logits, or (greedy, eos not banned) the head's argmax
+        def counting(self, tokens, *args, _real=getattr(runner_mod.DecodeRunner, name)):
+            sizes.append(tokens.shape[0])
+            return _real(self, tokens, *args)
 
-    def counting_step(self, tokens, positions):
-        sizes.append(tokens.shape[0])
-        return real_step(self, tokens, positions)
-
-    monkeypatch.setattr(runner_mod.DecodeRunner, "step", counting_step)
+        monkeypatch.setattr(runner_mod.DecodeRunner, name, counting)
     a, b = both(hf, ours, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(a, b)
     assert sizes[0] == 4 and min(sizes) < 4, sizes  # the finished row stopped costing compute
@@ -253,7 +252,7 @@ def test_packed_weights_follow_the_row_hint(sdpa_pair, monkeypatch, mkl_wins):
     if native.library() is not None:  # one row: gpt2kit's own float32 kernel, for the blocks and the head
         assert fc.last_path == linear.NATIVE  # the prefill (9 rows, laid out for one) packed or ran addmm:
         assert fc.packed_weight[1] == (32 if mkl_wins else 1)
-        assert ours.lm_head.last_path == linear.NATIVE
+        assert ours.lm_head.last_path == linear.ARGMAX_SCREEN  # greedy: the native head's argmax, screened
     elif mkl_wins:
         assert fc.last_path == linear.ADDMM and fc.packed_weight[1] == 32  # not repacked
         assert ours.lm_head.last_path == linear.PACKED and ours.lm_head.packed_weight[1] == 1  # the head packs

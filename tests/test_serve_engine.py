@@ -76,6 +76,25 @@ def test_chunked_prefill_interleaves_with_decode_and_greedy_equals_generate(mode
     assert b.tokens() == generate_alone(model, b_ids, 10)
 
 
+@pytest.mark.usefixtures("native_build")
+def test_greedy_steps_take_the_heads_argmax_unless_logprobs_are_asked(model_tok):
+    """One or two greedy rows: the step's tokens come from the head's screened argmax (model.decode_greedy),
+    never materializing logits, and equal generate's; a request asking for logprobs needs the logits."""
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=2, max_model_len=256)
+    a_ids, b_ids = tok.encode("ROMEO:"), tok.encode("KING: what say")
+    a, b = submit(engine, "a", a_ids, 20), submit(engine, "b", b_ids, 20)
+    run_until(engine, lambda: a.finished() and b.finished())
+    assert a.tokens() == generate_alone(model, a_ids, 20) and b.tokens() == generate_alone(model, b_ids, 20)
+    took = engine.greedy_steps
+    assert took >= 18 if native.library() is not None else took == 0  # without the kernels: the logits path
+    c = submit(engine, "c", a_ids, 8, logprobs=0)
+    run_until(engine, c.finished)
+    assert engine.greedy_steps == took  # logprobs report the raw log-softmax: every step computed the logits
+    assert c.tokens() == generate_alone(model, a_ids, 8)
+    assert all(t.logprob is not None for e in c.events if isinstance(e, ChoiceUpdate) for t in e.tokens)
+
+
 def test_decoding_rows_stay_in_consecutive_slots_and_are_read_without_copies(model_tok):
     """Requests that end at different steps leave holes among the slots; the engine swaps rows so that the
     decoding ones are slots 0..B-1 and every layer reads the cache as a view (no gathered copies), and each
@@ -193,12 +212,16 @@ def test_a_failing_request_leaves_the_others_alone(model_tok):
             logits[(rows == bad_slot).nonzero()[:, 0]] = float("nan")
         return out
 
-    engine._decode_parts = poisoned
+    def poisoned_greedy(ids, slots):  # a step of greedy rows: the head's screen declines non-finite logits
+        return None, poisoned([(ids, slots, 1)])[0]
+
+    greedy = engine._decode_greedy
+    engine._decode_parts, engine._decode_greedy = poisoned, poisoned_greedy
     run_until(engine, lambda: good.finished() and any(isinstance(e, Failed) for e in bad.events))
     failed = next(e for e in bad.events if isinstance(e, Failed))
     assert failed.status == 500 and "non-finite" in failed.message
     assert good.tokens() == generate_alone(model, good_ids, 12)
-    engine._decode_parts = decode
+    engine._decode_parts, engine._decode_greedy = decode, greedy
     again = submit(engine, "again", bad_ids, 5)  # the failed slot was reset and can serve again
     run_until(engine, again.finished)
     assert again.tokens() == generate_alone(model, bad_ids, 5)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import GenerationConfig
-from .logits import build_processors
+from .logits import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, build_processors
 from .outputs import GenerateDecoderOnlyOutput
 from . import runner as runners
 from .stopping import StoppingCriteriaList, StopStringCriteria
@@ -24,6 +24,7 @@ from ..model.cache import Cache, StaticCache
 from ..utils import warn_once
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "inputs")
+EOS_BANS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)  # processors that only ban eos
 
 
 @dataclass
@@ -243,6 +244,22 @@ def generate(model, inputs=None, generation_config=None, logits_processor=None, 
     return sample_or_greedy(model, plan)
 
 
+def greedy_by_head(plan: Plan, runner, keeps_scores: bool) -> bool:
+    """Whether decode steps may ask the head for each row's argmax instead of its logits (runner.step_greedy:
+    the float32 head's bfloat16 screen, model/linear.py LMHead.argmax): greedy, no scores or logits kept, and
+    nothing that reads the scores but the minimum-length eos bans (whose ids the head then never picks) and
+    stop strings (which read the tokens only)."""
+    return (not plan.cfg.do_sample and not keeps_scores and getattr(runner, "step_greedy", None) is not None
+            and all(type(p) in EOS_BANS for p in plan.processors)
+            and all(type(c) is StopStringCriteria for c in plan.criteria))
+
+
+def banned_ids(processors, length: int, vocab: int):
+    """The ids the processors set to -inf for sequences of `length` (eos before min_new_tokens), or None."""
+    ids = [b for p in processors if (b := p.banned_ids(length, vocab)) is not None]
+    return torch.cat(ids) if ids else None
+
+
 def _next_positions(position_ids):
     return position_ids[:, -1] + 1
 
@@ -278,25 +295,31 @@ def sample_or_greedy(model, plan: Plan):
         plan.streamer.put(ids.cpu())
     positions = _next_positions(plan.position_ids)
     logits = runner.prefill(ids, plan.attention_mask, plan.position_ids)
+    best = None  # a step's argmax from the head itself (greedy_by_head), when it gave no logits
+    by_head = greedy_by_head(plan, runner, want_scores or want_logits)
+    vocab = model.config.vocab_size
     cur = P
     while True:
-        raw = logits.float()
-        if check_now:
-            check_finite_logits(raw, cur - P + 1, dtype)
+        if best is not None:
+            nxt = best  # the argmax of this step's logits, which were all finite (LMHead.argmax)
         else:
-            bad = nonfinite(raw)
-            first_bad = torch.where(bad & (first_bad == 0), cur - P + 1, first_bad)
-            raw = raw.masked_fill(bad, 0.0)  # keeps sampling valid until the flag is read; the result is refused
-        scores = plan.processors(seq[:, :cur], raw.clone() if want_logits else raw) if plan.processors else raw
-        if want_scores:
-            scores_out.append(scores)
-        if want_logits:
-            logits_out.append(raw)
-        if cfg.do_sample:
-            probs = torch.softmax(scores, -1)
-            nxt = torch.multinomial(probs, 1, generator=plan.generator).squeeze(1)
-        else:
-            nxt = scores.argmax(-1)
+            raw = logits.float()
+            if check_now:
+                check_finite_logits(raw, cur - P + 1, dtype)
+            else:
+                bad = nonfinite(raw)
+                first_bad = torch.where(bad & (first_bad == 0), cur - P + 1, first_bad)
+                raw = raw.masked_fill(bad, 0.0)  # keeps sampling valid until the flag is read; the result is refused
+            scores = plan.processors(seq[:, :cur], raw.clone() if want_logits else raw) if plan.processors else raw
+            if want_scores:
+                scores_out.append(scores)
+            if want_logits:
+                logits_out.append(raw)
+            if cfg.do_sample:
+                probs = torch.softmax(scores, -1)
+                nxt = torch.multinomial(probs, 1, generator=plan.generator).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
         if stops:
             nxt = torch.where(unfinished, nxt, plan.pad)
         seq[:, cur] = nxt
@@ -310,7 +333,7 @@ def sample_or_greedy(model, plan: Plan):
             if plan.eos is not None:
                 hit = torch.isin(nxt, plan.eos)
             if plan.criteria:
-                hit = hit | plan.criteria(seq[:, :cur], scores)
+                hit = hit | plan.criteria(seq[:, :cur], scores if best is None else None)
             newly = unfinished & hit
             done_at[rows] = torch.where(newly, cur, done_at[rows])
             unfinished = unfinished & ~hit
@@ -332,7 +355,10 @@ def sample_or_greedy(model, plan: Plan):
                 for p in plan.processors:
                     if hasattr(p, "select_rows"):
                         p.select_rows(keep)
-        logits = runner.step(seq[:, cur - 1], positions)
+        if by_head:
+            best, logits = runner.step_greedy(seq[:, cur - 1], positions, banned_ids(plan.processors, cur, vocab))
+        else:
+            logits = runner.step(seq[:, cur - 1], positions)
         positions = positions + 1
 
     if not check_now and int(first_bad):

@@ -23,6 +23,7 @@ from .runner import DecodeRunner, _KeyMask
 
 class GraphRunner(DecodeRunner):
     fixed_batch = True
+    step_greedy = None  # every step is the captured graph's, logits and all
 
     def __init__(self, model, batch: int, max_len: int, attention_mask, capture: bool | None = None):
         self.model = model

@@ -47,6 +47,17 @@ class _EosBan(LogitsProcessor):
             self._mask = _eos_mask(self.eos, scores.shape[-1], scores.device)
         return scores.masked_fill(self._mask, NEG_INF)
 
+    def _bans(self, length: int) -> bool:  # whether eos is banned for sequences of `length` tokens
+        raise NotImplementedError
+
+    def __call__(self, input_ids, scores):
+        return self._ban(scores) if self._bans(input_ids.shape[-1]) else scores
+
+    def banned_ids(self, length: int, vocab: int) -> torch.Tensor | None:
+        """The ids this processor sets to -inf at `length` (the same for every row), or None: what a greedy step
+        that never materializes the scores (LMHead.argmax) must not choose."""
+        return _eos_mask(self.eos, vocab, "cpu").nonzero()[:, 0] if self._bans(length) else None
+
 
 class MinLengthLogitsProcessor(_EosBan):
     """Forbid end-of-sequence while the sequence (prompt included) is shorter than `min_length`."""
@@ -55,8 +66,8 @@ class MinLengthLogitsProcessor(_EosBan):
         super().__init__(eos_token_id)
         self.min_length = min_length
 
-    def __call__(self, input_ids, scores):
-        return scores if input_ids.shape[-1] >= self.min_length else self._ban(scores)
+    def _bans(self, length: int) -> bool:
+        return length < self.min_length
 
 
 class MinNewTokensLengthLogitsProcessor(_EosBan):
@@ -66,8 +77,8 @@ class MinNewTokensLengthLogitsProcessor(_EosBan):
         super().__init__(eos_token_id)
         self.skip, self.min_new_tokens = prompt_length_to_skip, min_new_tokens
 
-    def __call__(self, input_ids, scores):
-        return scores if input_ids.shape[-1] - self.skip >= self.min_new_tokens else self._ban(scores)
+    def _bans(self, length: int) -> bool:
+        return length - self.skip < self.min_new_tokens
 
 
 class TemperatureLogitsWarper(LogitsProcessor):

@@ -50,6 +50,10 @@ class DecodeRunner:
         return self.model.decode(tokens[:, None], self.cache, position_ids=positions[:, None],
                                  key_mask=self.keys.mask, replay=self.replay)[:, -1]
 
+    def step_greedy(self, tokens, positions, banned=None):  # -> (ids (B,), None) or (None, logits (B, V))
+        return self.model.decode_greedy(tokens[:, None], self.cache, position_ids=positions[:, None],
+                                        key_mask=self.keys.mask, replay=self.replay, banned=banned)
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Only `rows` go on (finished rows leave the batch and the cache)."""
         self.keys.select(rows)

@@ -63,6 +63,22 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                                         replay=replay)
             return self.lm_head(h).float()  # (B, keep or T, V)
 
+    @torch.no_grad()
+    def decode_greedy(self, input_ids, cache, rows=None, position_ids=None, *, key_mask=None,
+                      rows_hint: int | None = None, replay=None, banned=None):
+        """`decode` (same arguments) for a greedy step that needs only each row's best next token:
+        -> (ids (B,), None) where the head proves the argmax without computing the logits (LMHead.argmax: the
+        float32 head at up to 2 rows, through its bfloat16 screen; `banned` ids are never chosen), else
+        (None, float32 logits (B, V)) as `decode` gives them for the last position."""
+        B, T = input_ids.shape
+        with self._decoding(B, B * T, rows_hint):
+            h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, None, last=1,
+                                        replay=replay)  # (B, 1, C)
+            ids = self.lm_head.argmax(h[:, -1], banned) if isinstance(self.lm_head, LMHead) else None
+            if ids is not None:
+                return ids.to(input_ids.device), None
+            return None, self.lm_head(h).float()[:, -1]
+
     def decode_parts(self, parts, cache, *, rows_hint: int | None = None, replay=None) -> list[torch.Tensor]:
         """`decode` for several groups of rows with different token counts in one forward (a server step:
         its decoding rows, T=1, beside a prompt chunk): the weights are read once for all of them.

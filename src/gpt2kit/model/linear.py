@@ -55,10 +55,20 @@ from ..errors import InvalidInputError
 
 ADDMM, ONEDNN, PACKED, WIDENED, TRAIN = "addmm", "onednn", "onednn-packed", "float32-copy", "onednn-train"
 NATIVE = "native"
+ARGMAX_SCREEN = "native-argmax-bf16-screen"  # LMHead.argmax: the head's argmax through its bfloat16 screen
+
 # rows up to which a decode step takes NATIVE, by dtype (see the thresholds below)
 NATIVE_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 4}
 FUSED_F32_MIN_ROWS = 256  # float32 inference fuses from a prefill's row count on (see above)
 UNPACKED_F32_MIN_ROWS = 4  # a decode without packed weights: oneDNN on the plain weight from this many rows
+
+
+def screen_bound(K: int) -> float:
+    """c in the screen's bound |z - z~| <= c |x| |W[n]| for rows of K: rounding to the nearest bfloat16 moves a
+    weight by at most 2^-9 of itself; each float32 sum (16 lanes of K/16 FMAs, then 4 levels of adds) is off by at
+    most (K/16 + 4) 2^-24 of the sum of |terms| (taken as K/16 + 8, for both sums); 1% for the bound's own
+    rounding. Cauchy-Schwarz turns the sum of |x_k W[n,k]| into |x| |W[n]|."""
+    return (2.0 ** -9 + 2 * (K / 16 + 8) * 2.0 ** -24) * 1.01
 
 
 def _gelu_new(x):  # OpenAI's tanh approximation, written out as the reference does
@@ -373,8 +383,57 @@ class LMHead(_PolicyLinear, nn.Linear):
             return F.linear(x, self.weight, self.bias)  # the reference's own call, for its bits
         return self._run(x, None, path)
 
+    _screen = None  # (weight, storage, version, bf16 copy (V, C), row norms (V,)) for argmax
+    last_candidates: list | None = None  # per row, the outputs the latest argmax summed again in float32
+
+    def argmax(self, x: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, C) -> (B,) int64: the index of each row's largest logit, exactly as forward's logits in this decode
+        step give it (first of equals; `banned` ids (n,) never chosen, as a processor's -inf), for a float32
+        step that takes NATIVE (up to NATIVE_MAX_ROWS rows): native/dense.c screens every output through a
+        bfloat16 copy of the weight (half the bytes: the float32 head is ~30% of what a GPT-2 small step
+        reads) with a proven error bound and sums the few outputs it cannot rule out again in float32. None
+        where that path does not apply or a logit is not finite: the caller computes the logits instead."""
+        w = self._parameters["weight"]
+        B = x.shape[0] if x.dim() == 2 else 0
+        if (self.bias is not None or w.dtype is not torch.float32 or x.dtype is not torch.float32 or not x.is_cpu
+                or not w.is_cpu or B < 1 or B > NATIVE_MAX_ROWS[torch.float32] or not x.is_contiguous()
+                or not w.is_contiguous() or x.shape[1] != w.shape[1] or choose_path(x, w, head=True) != NATIVE):
+            return None
+        lib = native.library()
+        if lib is None:
+            return None
+        wb, norms = self._screen_weights(w)
+        banned = (torch.empty(0, dtype=torch.long) if banned is None else
+                  banned.to(device="cpu", dtype=torch.long).reshape(-1).contiguous())
+        out = torch.empty(B, dtype=torch.long)
+        counts = torch.empty(B, dtype=torch.long)
+        rc = native.call(lib.gpt2kit_head_argmax, x, B, x.shape[1], x.shape[1], w, wb, norms, w.shape[0], banned,
+                         banned.numel(), screen_bound(x.shape[1]), out, counts)
+        if rc != 0:
+            return None
+        self.__dict__["last_path"] = ARGMAX_SCREEN
+        self.__dict__["last_candidates"] = counts.tolist()
+        return out
+
+    def _screen_weights(self, w):
+        """The bfloat16 copy of the weight and its rows' norms (rounded up), rebuilt when the weight changes."""
+        s = self._screen
+        if s is not None and s[0] is w and s[1] == w.data_ptr() and s[2] == w._version:
+            return s[3], s[4]
+        self._screen = None
+        with torch.no_grad():
+            wb = w.detach().to(torch.bfloat16).contiguous()  # rounded to nearest (even), as the bound assumes
+            norms = (w.detach().double().norm(dim=1) * (1 + 1e-6)).float()  # (V,)
+        self._screen = (w, w.data_ptr(), w._version, wb, norms)
+        return wb, norms
+
+    def drop_packed(self) -> None:
+        self._pack = None
+        self._screen = None
+
     def _apply(self, fn, recurse=True):
         self._pack = None
+        self._screen = None
         return super()._apply(fn, recurse)
 
 

@@ -130,6 +130,10 @@ class Engine:
         # replay as recorded kernel calls (model/replay.py), a recording per batch size
         self.replay = DecodeReplay(limit=min(max_num_seqs, 16))
         self._decode_parts = lambda parts: model.decode_parts(parts, self.cache, rows_hint=hint, replay=self.replay)
+        # a step of greedy rows only, none asking for logprobs: their argmax from the head (model.decode_greedy)
+        self._decode_greedy = lambda ids, slots: model.decode_greedy(ids, self.cache, rows=slots, rows_hint=hint,
+                                                                     replay=self.replay)
+        self.greedy_steps = 0  # steps whose tokens came from the head's argmax, without logits
         self.mixed_forwards = 0  # forwards that carried decoding rows and prompt tokens together
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each slot's cache holds
         self.free: dict[int, float] = {s: 0.0 for s in range(max_num_seqs)}  # free slot -> when freed (LRU)
@@ -287,6 +291,15 @@ class Engine:
             return
         if rows and chunks:
             self.mixed_forwards += 1
+        if rows and not chunks and all(s.sampler.plain and s.req.logprobs is None for s in rows):
+            try:
+                best, logits = self._decode_greedy(*parts[0][:2])
+            except Exception as e:
+                best, logits = None, e
+            if best is not None:
+                self.greedy_steps += 1
+            self._decode_done(rows, logits, best)
+            return
         results = self._run_parts(parts)
         for (seq, chunk), out in zip(chunks, results[1:] if rows else results):
             self._chunk_done(seq, chunk, out)
@@ -383,8 +396,9 @@ class Engine:
             seq.prompt_infos.append(TokenInfo(t, chosen[j], top[j] if top is not None else []))
 
     # -- decode -------------------------------------------------------------------------------------
-    def _decode_done(self, rows: list[Sequence], logits) -> None:
-        """logits (B, 1, V) of the decoding rows, or the exception their forward raised."""
+    def _decode_done(self, rows: list[Sequence], logits, best=None) -> None:
+        """logits (B, 1, V) or (B, V) of the decoding rows, or the exception their forward raised; or, with
+        logits None, best (B,): each row's greedy token, which the head proved the argmax of finite logits."""
         if isinstance(logits, Exception):
             for s in rows:
                 self._crash(s, logits, "a decode step")
@@ -392,7 +406,17 @@ class Engine:
         for s in rows:
             self.slot_tokens[s.slot].append(s.pending)
             s.pending = None
-        self._sample_and_accept(rows, logits[:, -1])  # (B, V)
+        if best is None:
+            self._sample_and_accept(rows, logits[:, -1] if logits.dim() == 3 else logits)  # (B, V)
+            return
+        now = time.monotonic()
+        for s, tok in zip(rows, best.tolist()):
+            if s.done:
+                continue
+            try:
+                self._accept(s, tok, None, now)
+            except Exception as e:
+                self._crash(s, e, "detokenizing")
 
     def _compact(self, rows: list[Sequence]) -> None:
         """Move the B decoding sequences into slots 0..B-1, swapping cache rows with whatever is there (a free

@@ -1,0 +1,100 @@
+"""The float32 head's argmax through its bfloat16 screen (LMHead.argmax, native/dense.c gpt2kit_head_argmax): the
+index the full logits' argmax gives, for every build of the kernels this CPU runs, on ties, near-ties below
+bfloat16's resolution and banned ids; and greedy generation through it gives transformers' tokens."""
+import pytest
+import torch
+
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.model import linear
+
+transformers = pytest.importorskip("transformers")
+
+from model_helpers import twin  # noqa: E402
+
+
+def head_of(V, C, seed=0):
+    torch.manual_seed(seed)
+    head = linear.LMHead(C, V, bias=False).eval()
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02)
+    return head
+
+
+def full_argmax(head, x, banned=None):
+    """What a decode step's logits give (the same policy context), with banned ids at -inf as a processor sets."""
+    with torch.no_grad(), linear.decoding(1, dtype=torch.float32, rows=x.shape[0]):
+        logits = head(x)
+    if banned is not None:
+        logits[:, banned] = float("-inf")
+    return logits.argmax(-1)
+
+
+def screened(head, x, banned=None):
+    with torch.no_grad(), linear.decoding(1, dtype=torch.float32, rows=x.shape[0]):
+        return head.argmax(x, banned)
+
+
+@pytest.mark.usefixtures("native_build")
+@pytest.mark.parametrize("B", [1, 2])
+def test_screened_argmax_is_the_logits_argmax(B):
+    from gpt2kit import native
+
+    head = head_of(50257, 768)  # GPT-2's head
+    g = torch.Generator().manual_seed(1)
+    counts = []
+    for trial in range(40):
+        x = torch.randn(B, 768, generator=g) * (1 + trial % 5)
+        got = screened(head, x)
+        if native.library() is None:
+            assert got is None  # no kernel: the caller computes the logits
+            return
+        assert head.last_path == linear.ARGMAX_SCREEN
+        assert torch.equal(got, full_argmax(head, x)), trial
+        counts += head.last_candidates
+    assert max(counts) < 100  # the screen rules out all but a few outputs (else it would not pay)
+
+
+@pytest.mark.usefixtures("native_build")
+def test_ties_near_ties_and_banned_ids():
+    from gpt2kit import native
+
+    if native.library() is None:
+        pytest.skip("no native kernels: LMHead.argmax declines (covered above)")
+    head = head_of(3000, 768, seed=2)
+    w = head.weight.data
+    x = (w[100] * 50).clone()[None]  # output 100 is far ahead of the rest
+    w[2500] = w[100]  # an exact tie at a higher index: the first wins, as argmax
+    assert int(screened(head, x)) == 100 == int(full_argmax(head, x))
+    w[2500] = w[100] * (1 + 3e-7)  # exact float32 logits a few ulps apart, far below bfloat16's resolution
+    assert int(screened(head, x)) == int(full_argmax(head, x))
+    w[2500] = w[100] * (1 - 3e-7)
+    assert int(screened(head, x)) == int(full_argmax(head, x))
+    assert head.last_candidates[0] >= 2  # both had to be summed again
+    banned = torch.tensor([100, 2500])
+    assert int(screened(head, x, banned)) == int(full_argmax(head, x, banned)) not in (100, 2500)
+    assert screened(head, x, torch.arange(3000)) is None  # everything banned: left to the logits
+    bad = x.clone()
+    bad[0, 7] = float("nan")
+    assert screened(head, bad) is None  # a NaN: the logits path reports it
+    assert screened(head, torch.randn(3, 768)) is None  # 3 rows: not the native head path this screens
+
+
+@pytest.mark.usefixtures("native_build")
+def test_greedy_generation_through_the_head_argmax_gives_transformers_tokens():
+    """Batch 1 and 2 (the rows the screen takes), eos banned until min_new_tokens (the ban the screen applies)
+    and an eos that ends a row: the tokens of transformers' generate."""
+    from gpt2kit import native
+
+    hf, ours = twin(GPT2LMHeadModel, transformers.GPT2LMHeadModel, attn="sdpa", seed=5, vocab_size=2000, n_embd=64)
+    g = torch.Generator().manual_seed(3)
+    for B in (1, 2):
+        ids = torch.randint(1, 2000, (B, 6), generator=g)
+        free = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        eos = int(free[0, 6 + 2])  # emitted at step 2: banned below, ending the row where allowed
+        for kw in (dict(), dict(eos_token_id=eos, min_new_tokens=6), dict(eos_token_id=eos)):
+            a = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+            ours.lm_head.__dict__["last_path"] = None
+            b = ours.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **kw)
+            assert torch.equal(a, b), (B, kw)
+            want = linear.ARGMAX_SCREEN if native.library() is not None else linear.PACKED
+            assert ours.lm_head.last_path == want, (B, kw)
