@@ -403,12 +403,12 @@ class LMHead(_PolicyLinear, nn.Linear):
         if lib is None:
             return None
         wb, norms = self._screen_weights(w)
-        banned = (torch.empty(0, dtype=torch.long) if banned is None else
-                  banned.to(device="cpu", dtype=torch.long).reshape(-1).contiguous())
+        if banned is not None:
+            banned = banned.to(device="cpu", dtype=torch.long).reshape(-1).contiguous()
         out = torch.empty(B, dtype=torch.long)
         counts = torch.empty(B, dtype=torch.long)
         rc = native.call(lib.gpt2kit_head_argmax, x, B, x.shape[1], x.shape[1], w, wb, norms, w.shape[0], banned,
-                         banned.numel(), screen_bound(x.shape[1]), out, counts)
+                         0 if banned is None else banned.numel(), screen_bound(x.shape[1]), out, counts)
         if rc != 0:
             return None
         self.__dict__["last_path"] = ARGMAX_SCREEN
