@@ -61,15 +61,23 @@ def test_ties_near_ties_and_banned_ids():
     if native.library() is None:
         pytest.skip("no native kernels: LMHead.argmax declines (covered above)")
     head = head_of(3000, 768, seed=2)
-    w = head.weight.data
-    x = (w[100] * 50).clone()[None]  # output 100 is far ahead of the rest
-    w[2500] = w[100]  # an exact tie at a higher index: the first wins, as argmax
+    w = head.weight
+
+    def edit(value):  # in place on the parameter: its version moves, so the bf16 copy is rebuilt
+        with torch.no_grad():
+            w[2500] = value
+
+    x = (w[100] * 50).detach().clone()[None]  # output 100 is far ahead of the rest
+    edit(w[100])  # an exact tie at a higher index: the first wins, as argmax
     assert int(screened(head, x)) == 100 == int(full_argmax(head, x))
-    w[2500] = w[100] * (1 + 3e-7)  # exact float32 logits a few ulps apart, far below bfloat16's resolution
-    assert int(screened(head, x)) == int(full_argmax(head, x))
-    w[2500] = w[100] * (1 - 3e-7)
-    assert int(screened(head, x)) == int(full_argmax(head, x))
-    assert head.last_candidates[0] >= 2  # both had to be summed again
+    copy = head._screen[3]
+    for factor in (1 + 3e-7, 1 - 3e-7):  # exact float32 logits a few ulps apart, far below bfloat16's resolution
+        edit(w[100] * factor)
+        assert int(screened(head, x)) == int(full_argmax(head, x)), factor
+        assert head._screen[3] is not copy  # rebuilt after the edit
+        assert head.last_candidates[0] >= 2  # both had to be summed again
+    edit(w[100] * 0.5)  # far behind now: the screen rules it out without summing it again
+    assert int(screened(head, x)) == 100 and head.last_candidates[0] == 1
     banned = torch.tensor([100, 2500])
     assert int(screened(head, x, banned)) == int(full_argmax(head, x, banned)) not in (100, 2500)
     assert screened(head, x, torch.arange(3000)) is None  # everything banned: left to the logits

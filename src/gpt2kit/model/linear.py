@@ -423,7 +423,9 @@ class LMHead(_PolicyLinear, nn.Linear):
         self._screen = None
         with torch.no_grad():
             wb = w.detach().to(torch.bfloat16).contiguous()  # rounded to nearest (even), as the bound assumes
-            norms = (w.detach().double().norm(dim=1) * (1 + 1e-6)).float()  # (V,)
+            norms = torch.empty(w.shape[0])  # (V,): in float64 a block of rows at a time (XL's head: 643 MB at once)
+            for i in range(0, w.shape[0], 4096):
+                norms[i:i + 4096] = w[i:i + 4096].detach().double().norm(dim=1) * (1 + 1e-6)
         self._screen = (w, w.data_ptr(), w._version, wb, norms)
         return wb, norms
 
