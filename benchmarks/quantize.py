@@ -7,8 +7,9 @@ it loads the checkpoint (quantizing while loading), reports get_memory_footprint
 from a 16-token prompt at batch 1 and batch 8 (min_new_tokens = max_new_tokens), --runs times, and reports
 the median tokens per second. The parent prints the CPU's instruction set, this machine's read bandwidth
 (a large float32 matrix-vector product) and each mode's bandwidth floor: the bytes one decode step must
-read (the block matrices in the mode's format plus the LM head: float32 for bitsandbytes, its bfloat16 screen
-for gpt2kit's greedy batch 1 where the native kernels are built, the mode's format with "-emb") over that
+read (the block matrices in the mode's format plus the LM head: float32 for bitsandbytes, its int8 screen (one
+byte a weight and 8 bytes a row) for gpt2kit's greedy batch 1 where the native kernels are built, the mode's
+format with "-emb") over that
 bandwidth.
 
     python benchmarks/quantize.py                      # both shapes, all cases; writes quantize.json
@@ -226,7 +227,7 @@ def main():
             base = mode.removesuffix("-emb")
             head = head_bytes * BYTES_PER_WEIGHT[base] / 4 if mode.endswith("-emb") else head_bytes
             if lib == "gpt2kit" and not mode.endswith("-emb") and info["native_kernels"]:
-                head = head_bytes / 2  # greedy batch 1 reads the float32 head's bfloat16 screen (LMHead.argmax)
+                head = head_bytes / 4 + 50257 * 8  # greedy batch 1 reads the float32 head's int8 screen (LMHead.argmax)
             row["floor_tok_s_b1"] = bw * 1e9 / (block_weights * BYTES_PER_WEIGHT[base] + head)
             print(size, json.dumps(row), flush=True)
             rows.append(row)

@@ -1,6 +1,6 @@
-"""The float32 head's argmax through its bfloat16 screen (LMHead.argmax, native/dense.c gpt2kit_head_argmax): the
+"""The float32 head's argmax through its int8 screen (LMHead.argmax, native/dense.c gpt2kit_head_argmax): the
 index the full logits' argmax gives, for every build of the kernels this CPU runs, on ties, near-ties below
-bfloat16's resolution and banned ids; and greedy generation through it gives transformers' tokens."""
+the screen's resolution and banned ids; and greedy generation through it gives transformers' tokens."""
 import pytest
 import torch
 
@@ -63,7 +63,7 @@ def test_ties_near_ties_and_banned_ids():
     head = head_of(3000, 768, seed=2)
     w = head.weight
 
-    def edit(value):  # in place on the parameter: its version moves, so the bf16 copy is rebuilt
+    def edit(value):  # in place on the parameter: its version moves, so the int8 copy is rebuilt
         with torch.no_grad():
             w[2500] = value
 
@@ -71,7 +71,7 @@ def test_ties_near_ties_and_banned_ids():
     edit(w[100])  # an exact tie at a higher index: the first wins, as argmax
     assert int(screened(head, x)) == 100 == int(full_argmax(head, x))
     copy = head._screen[3]
-    for factor in (1 + 3e-7, 1 - 3e-7):  # exact float32 logits a few ulps apart, far below bfloat16's resolution
+    for factor in (1 + 3e-7, 1 - 3e-7):  # exact float32 logits a few ulps apart, far below the screen's resolution
         edit(w[100] * factor)
         assert int(screened(head, x)) == int(full_argmax(head, x)), factor
         assert head._screen[3] is not copy  # rebuilt after the edit

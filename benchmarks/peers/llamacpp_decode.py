@@ -119,7 +119,7 @@ def gguf_weight_bytes(path: str) -> int:
 
 def gpt2kit_weight_bytes(model) -> int:
     """Bytes a gpt2kit decode step reads: every tensor as stored (quantized ones included) once, the LM head
-    in full (the tied wte, or its quantized table; a float32 head as its bfloat16 screen, which greedy batch 1
+    in full (the tied wte, or its quantized table; a float32 head as its int8 screen, which greedy batch 1
     reads instead); wpe, and an untied wte, only one row (not counted)."""
     head = {t.data_ptr() for t in model.lm_head.state_dict().values()}
     seen, total = set(), 0
@@ -135,7 +135,7 @@ def gpt2kit_weight_bytes(model) -> int:
 
     w = model.lm_head.weight if isinstance(model.lm_head, LMHead) else None
     if w is not None and w.dtype == torch.float32 and native.library() is not None:
-        total -= w.numel() * 2  # greedy batch 1 reads the float32 head's bfloat16 screen (LMHead.argmax)
+        total -= w.numel() * 3 - w.shape[0] * 8  # greedy batch 1 reads the float32 head's int8 screen (LMHead.argmax)
     return total
 
 

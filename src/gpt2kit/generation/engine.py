@@ -246,7 +246,7 @@ def generate(model, inputs=None, generation_config=None, logits_processor=None, 
 
 def greedy_by_head(plan: Plan, runner, keeps_scores: bool) -> bool:
     """Whether decode steps may ask the head for each row's argmax instead of its logits (runner.step_greedy:
-    the float32 head's bfloat16 screen, model/linear.py LMHead.argmax): greedy, no scores or logits kept, and
+    the float32 head's int8 screen, model/linear.py LMHead.argmax): greedy, no scores or logits kept, and
     nothing that reads the scores but the minimum-length eos bans (whose ids the head then never picks) and
     stop strings (which read the tokens only)."""
     return (not plan.cfg.do_sample and not keeps_scores and getattr(runner, "step_greedy", None) is not None

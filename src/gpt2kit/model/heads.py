@@ -68,7 +68,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                       rows_hint: int | None = None, replay=None, banned=None):
         """`decode` (same arguments) for a greedy step that needs only each row's best next token:
         -> (ids (B,), None) where the head proves the argmax without computing the logits (LMHead.argmax: the
-        float32 head at up to 2 rows, through its bfloat16 screen; `banned` ids are never chosen), else
+        float32 head at up to 2 rows, through its int8 screen; `banned` ids are never chosen), else
         (None, float32 logits (B, V)) as `decode` gives them for the last position."""
         B, T = input_ids.shape
         with self._decoding(B, B * T, rows_hint):

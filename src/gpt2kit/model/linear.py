@@ -55,7 +55,7 @@ from ..errors import InvalidInputError
 
 ADDMM, ONEDNN, PACKED, WIDENED, TRAIN = "addmm", "onednn", "onednn-packed", "float32-copy", "onednn-train"
 NATIVE = "native"
-ARGMAX_SCREEN = "native-argmax-bf16-screen"  # LMHead.argmax: the head's argmax through its bfloat16 screen
+ARGMAX_SCREEN = "native-argmax-int8-screen"  # LMHead.argmax: the head's argmax through its int8 screen
 
 # rows up to which a decode step takes NATIVE, by dtype (see the thresholds below)
 NATIVE_MAX_ROWS = {torch.float32: 2, torch.bfloat16: 4}
@@ -63,12 +63,22 @@ FUSED_F32_MIN_ROWS = 256  # float32 inference fuses from a prefill's row count o
 UNPACKED_F32_MIN_ROWS = 4  # a decode without packed weights: oneDNN on the plain weight from this many rows
 
 
-def screen_bound(K: int) -> float:
-    """c in the screen's bound |z - z~| <= c |x| |W[n]| for rows of K: rounding to the nearest bfloat16 moves a
-    weight by at most 2^-9 of itself; each float32 sum (16 lanes of K/16 FMAs, then 4 levels of adds) is off by at
-    most (K/16 + 4) 2^-24 of the sum of |terms| (taken as K/16 + 8, for both sums); 1% for the bound's own
-    rounding. Cauchy-Schwarz turns the sum of |x_k W[n,k]| into |x| |W[n]|."""
-    return (2.0 ** -9 + 2 * (K / 16 + 8) * 2.0 ** -24) * 1.01
+def screen_bounds(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """cw (V,) for the head's int8 screen (LMHead.argmax): |screen - logit| <= |x| cw[n] for any input x, where the
+    screen is native int8_mm's x . q[n] * scale[n] and the logit native nk_row's x . w[n]. By Cauchy-Schwarz the
+    quantization error is at most |x| |w[n] - scale[n] q[n]|; each float32 sum (16 lanes of K/16 FMAs, 4 levels of
+    adds, the scale's product) is off by at most (K/16 + 6) 2^-24 of the sum of |terms| <= |x| |row|, and the
+    kernel's float comparisons of screen +- bound by ~2 2^-24 of |x| |row| more: taken as K/16 + 12 for each of
+    the two rows; all rounded up 1%. Computed in float64, a block of rows at a time."""
+    V, K = w.shape
+    gamma = (K / 16 + 12) * 2.0 ** -24
+    cw = torch.empty(V)
+    for i in range(0, V, 4096):
+        wd = w[i:i + 4096].detach().double()
+        qd = q[i:i + 4096].double() * scale[i:i + 4096].double()[:, None]
+        err = (wd - qd).norm(dim=1) + gamma * (wd.norm(dim=1) + qd.norm(dim=1))
+        cw[i:i + 4096] = err * 1.01
+    return cw
 
 
 def _gelu_new(x):  # OpenAI's tanh approximation, written out as the reference does
@@ -383,32 +393,37 @@ class LMHead(_PolicyLinear, nn.Linear):
             return F.linear(x, self.weight, self.bias)  # the reference's own call, for its bits
         return self._run(x, None, path)
 
-    _screen = None  # (weight, storage, version, bf16 copy (V, C), row norms (V,)) for argmax
+    _screen = None  # (weight, storage, version, int8 copy (V, C), its row scales (V,), bounds (V,)) for argmax
     last_candidates: list | None = None  # per row, the outputs the latest argmax summed again in float32
 
     def argmax(self, x: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, C) -> (B,) int64: the index of each row's largest logit, exactly as forward's logits in this decode
         step give it (first of equals; `banned` ids (n,) never chosen, as a processor's -inf), for a float32
-        step that takes NATIVE (up to NATIVE_MAX_ROWS rows): native/dense.c screens every output through a
-        bfloat16 copy of the weight (half the bytes: the float32 head is ~30% of what a GPT-2 small step
-        reads) with a proven error bound and sums the few outputs it cannot rule out again in float32. None
-        where that path does not apply or a logit is not finite: the caller computes the logits instead."""
+        step that takes NATIVE (up to NATIVE_MAX_ROWS rows). Every logit is first screened from an int8 copy of
+        the weight (a quarter of the bytes: the float32 head is ~30% of what a GPT-2 small step reads) by the
+        native int8 kernel; native gpt2kit_head_argmax then rules out every output whose screen plus its proven
+        error bound (screen_bounds) stays below another's screen minus its bound, and sums the few left again in
+        float32. None where that path does not apply or a logit is not finite: the caller computes the logits."""
         w = self._parameters["weight"]
         B = x.shape[0] if x.dim() == 2 else 0
         if (self.bias is not None or w.dtype is not torch.float32 or x.dtype is not torch.float32 or not x.is_cpu
                 or not w.is_cpu or B < 1 or B > NATIVE_MAX_ROWS[torch.float32] or not x.is_contiguous()
-                or not w.is_contiguous() or x.shape[1] != w.shape[1] or choose_path(x, w, head=True) != NATIVE):
+                or not w.is_contiguous() or x.shape[1] != w.shape[1] or x.shape[1] % 32
+                or choose_path(x, w, head=True) != NATIVE):
             return None
         lib = native.library()
         if lib is None:
             return None
-        wb, norms = self._screen_weights(w)
+        q, scale, cw = self._screen_weights(w)
+        V, K = w.shape
+        z = torch.empty(B, V)
+        native.call(lib.gpt2kit_int8_mm, x, B, K, K, q, V, scale, None, z, V, 0, None, None, None, 0.0)
         if banned is not None:
             banned = banned.to(device="cpu", dtype=torch.long).reshape(-1).contiguous()
         out = torch.empty(B, dtype=torch.long)
         counts = torch.empty(B, dtype=torch.long)
-        rc = native.call(lib.gpt2kit_head_argmax, x, B, x.shape[1], x.shape[1], w, wb, norms, w.shape[0], banned,
-                         0 if banned is None else banned.numel(), screen_bound(x.shape[1]), out, counts)
+        rc = native.call(lib.gpt2kit_head_argmax, x, B, K, K, w, z, V, cw, V, banned,
+                         0 if banned is None else banned.numel(), out, counts)
         if rc != 0:
             return None
         self.__dict__["last_path"] = ARGMAX_SCREEN
@@ -416,18 +431,19 @@ class LMHead(_PolicyLinear, nn.Linear):
         return out
 
     def _screen_weights(self, w):
-        """The bfloat16 copy of the weight and its rows' norms (rounded up), rebuilt when the weight changes."""
+        """The int8 copy of the weight (rows scaled by their largest |w| / 127, rounded to nearest), its scales
+        and the screen's error bounds, rebuilt when the weight changes."""
         s = self._screen
         if s is not None and s[0] is w and s[1] == w.data_ptr() and s[2] == w._version:
-            return s[3], s[4]
+            return s[3:]
         self._screen = None
         with torch.no_grad():
-            wb = w.detach().to(torch.bfloat16).contiguous()  # rounded to nearest (even), as the bound assumes
-            norms = torch.empty(w.shape[0])  # (V,): in float64 a block of rows at a time (XL's head: 643 MB at once)
-            for i in range(0, w.shape[0], 4096):
-                norms[i:i + 4096] = w[i:i + 4096].detach().double().norm(dim=1) * (1 + 1e-6)
-        self._screen = (w, w.data_ptr(), w._version, wb, norms)
-        return wb, norms
+            wd = w.detach()
+            scale = (wd.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
+            q = torch.round(wd / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()  # (V, C)
+            cw = screen_bounds(wd, q, scale)
+        self._screen = (w, w.data_ptr(), w._version, q, scale, cw)
+        return q, scale, cw
 
     def drop_packed(self) -> None:
         self._pack = None

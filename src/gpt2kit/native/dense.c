@@ -217,54 +217,42 @@ int gpt2kit_bf16_mm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
 }
 
 /* The argmax of the float32 head's logits for M <= 2 rows, exactly as gpt2kit_f32_mm computes them ([N, K], no
- * bias: the same per-row sums, nk_row), read through a bfloat16 screen of half the bytes:
- *   z~[n] = x . bf16(W[n])   (every output, from wb: W rounded to bfloat16)
- *   |z[n] - z~[n]| <= c |x| |W[n]|   (rounding to nearest bf16 moves each weight by <= 2^-9 of itself; with both
- *                                     sums' float32 rounding and Cauchy-Schwarz, c = 2^-9 plus a margin)
- * so no n with z~[n] + b[n] < max(z~ - b) can be the argmax: only the outputs left (a handful) are summed again
- * from W in float32, and the first largest of those is the answer. wnorm: |W[n]| (rounded up); banned (n_banned
- * ids): outputs a logits processor sets to -inf (eos before min_new_tokens), never chosen. out[m]: the argmax;
- * n_candidates[m]: outputs recomputed. Returns 0; 1 where a logit is not finite (or could overflow): the caller
- * computes the logits instead and reports them; -1 for arguments it refuses. */
-int gpt2kit_head_argmax(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, const uint16_t *wb,
-                        const float *wnorm, int64_t N, const int64_t *banned, int64_t n_banned, float c,
+ * bias: the same per-row sums, nk_row), from a screen z (M rows ldz apart) of every logit that a cheaper product
+ * computed (LMHead.argmax: an int8 copy of the head, a quarter of its bytes) and a bound on the screen's error
+ * that factors as |z[m, n] - logit[m, n]| <= |x[m]| * cw[n] (Cauchy-Schwarz over the weights' quantization
+ * error, plus both sums' float32 rounding: model/linear.py screen_bounds). No n with z + bound below the largest
+ * z - bound can be the argmax: only the outputs left (a handful) are summed again from W in float32, and the
+ * first largest of those is the answer. banned (n_banned ids): outputs a logits processor sets to -inf (eos before
+ * min_new_tokens), never chosen. out[m]: the argmax; n_candidates[m]: outputs summed again. Returns 0; 1 where a
+ * logit is not finite (or could overflow): the caller computes the logits instead; -1 for arguments it refuses. */
+int gpt2kit_head_argmax(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, const float *z,
+                        int64_t ldz, const float *cw, int64_t N, const int64_t *banned, int64_t n_banned,
                         int64_t *out, int64_t *n_candidates) {
-    if (M < 1 || M > 2 || K < 1 || N < 1 || n_banned < 0 || !(c > 0.0f)) return -1;
+    if (M < 1 || M > 2 || K < 1 || N < 1 || n_banned < 0) return -1;
     for (int64_t i = 0; i < n_banned; i++)
         if (banned[i] < 0 || banned[i] >= N) return -1;
-    const int64_t Np = (N + 15) / 16 * 16;
-    float *z = (float *)aligned_alloc(64, (size_t)(M * Np) * sizeof(float));  /* (M, Np): z~ of each row */
-    if (z == NULL) return -1;
-    if (M == 1) {  /* one pass over wb for every row */
-        const int64_t N4 = N / 4 * 4;
-        #pragma omp parallel for schedule(guided, 4)
-        for (int64_t n = 0; n < N4; n += 4) nk_rows4_m1(x, K, wb, NULL, n, z, 1);
-        for (int64_t n = N4; n < N; n++) nk_row(x, ldx, K, wb, n * K, 0.0f, z + n, 1, 1, 1);
-    } else {
-        #pragma omp parallel for schedule(guided, 16)
-        for (int64_t n = 0; n < N; n++) nk_row(x, ldx, K, wb, n * K, 0.0f, z + n, Np, 2, 1);
-    }
     int status = 0;
+    char *is_banned = (char *)calloc((size_t)N, 1);
+    if (is_banned == NULL) return -1;
+    for (int64_t i = 0; i < n_banned; i++) is_banned[banned[i]] = 1;
     for (int64_t m = 0; m < M && status == 0; m++) {
-        const float *xm = x + m * ldx;
-        float *zm = z + m * Np;
+        const float *xm = x + m * ldx, *zm = z + m * ldz;
         double ss = 0.0;
         for (int64_t k = 0; k < K; k++) ss += (double)xm[k] * xm[k];
-        const float cx = c * (float)sqrt(ss) * (1.0f + 1e-6f);  /* the bound's x part, rounded up */
+        const float cx = (float)sqrt(ss) * (1.0f + 1e-6f);  /* |x|, rounded up */
         if (!isfinite(cx)) { status = 1; break; }
-        for (int64_t n = 0; n < N; n++)  /* a NaN or inf, or an exact sum that could overflow float32 */
-            if (!(fabsf(zm[n]) + cx * wnorm[n] < 1e37f)) { status = 1; break; }
-        if (status) break;
-        for (int64_t i = 0; i < n_banned; i++) zm[banned[i]] = -INFINITY;
         float lower = -INFINITY;  /* the largest lower bound: the argmax's logit is at least this */
         for (int64_t n = 0; n < N; n++) {
-            const float lo = zm[n] - cx * wnorm[n];
-            lower = lo > lower ? lo : lower;
+            const float b = cx * cw[n];
+            if (!(fabsf(zm[n]) + b < 1e37f)) { status = 1; break; }  /* a NaN or inf, or a sum that could overflow */
+            const float lo = zm[n] - b;
+            if (!is_banned[n] && lo > lower) lower = lo;
         }
+        if (status) break;
         int64_t best = -1, count = 0;
         float best_v = -INFINITY;
         for (int64_t n = 0; n < N; n++) {
-            if (zm[n] == -INFINITY || zm[n] + cx * wnorm[n] < lower) continue;
+            if (is_banned[n] || zm[n] + cx * cw[n] < lower) continue;
             float v;
             nk_row(xm, ldx, K, w, n * K, 0.0f, &v, 1, 1, 0);  /* what gpt2kit_f32_mm gives for output n */
             count++;
@@ -274,6 +262,6 @@ int gpt2kit_head_argmax(const float *x, int64_t M, int64_t K, int64_t ldx, const
         if (best < 0) status = 1;  /* every output banned */
         out[m] = best, n_candidates[m] = count;
     }
-    free(z);
+    free(is_banned);
     return status;
 }
