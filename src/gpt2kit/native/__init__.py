@@ -1,5 +1,6 @@
 """gpt2kit's own CPU kernels, built and loaded for this CPU once per machine: quantized.c (the fused
-dequantize-and-multiply products of quantized projections), dense.c (float32 and bfloat16 products of decode steps) and
+dequantize-and-multiply products of quantized projections), dense.c (float32 and bfloat16 products of decode steps, and
+the greedy head's argmax pick over a screen of its logits) and
 attention.c (a decode step's attention: the new keys written, one query per row), one library; rows.h holds the
 layer norm and epilogue the products share, simd.h the 16-lane vector they are written in.
 
