@@ -439,8 +439,13 @@ class LMHead(_PolicyLinear, nn.Linear):
         self._screen = None
         with torch.no_grad():
             wd = w.detach()
-            scale = (wd.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (V,)
-            q = torch.round(wd / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()  # (V, C)
+            V = wd.shape[0]
+            scale = torch.empty(V)  # (V,)
+            q = torch.empty(wd.shape, dtype=torch.int8)  # (V, C); a block of rows at a time: no full-size temporaries
+            for i in range(0, V, 4096):
+                rows = wd[i:i + 4096]
+                scale[i:i + 4096] = (rows.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+                q[i:i + 4096] = torch.round(rows / scale[i:i + 4096, None]).clamp_(-127, 127)
             cw = screen_bounds(wd, q, scale)
         self._screen = (w, w.data_ptr(), w._version, q, scale, cw)
         return q, scale, cw
