@@ -213,7 +213,7 @@ def test_a_failing_request_leaves_the_others_alone(model_tok):
         return out
 
     def poisoned_greedy(ids, slots):  # a step of greedy rows: the head's screen declines non-finite logits
-        return None, poisoned([(ids, slots, 1)])[0]
+        return None, poisoned([(ids, slots, 1)])[0][:, -1]  # (B, V), as model.decode_greedy gives them
 
     greedy = engine._decode_greedy
     engine._decode_parts, engine._decode_greedy = poisoned, poisoned_greedy

@@ -224,6 +224,12 @@ def _policy(device_type: str, x_dtype, dtype, grad: bool, decode: _DecodeState |
     return ADDMM
 
 
+def _still(copy: tuple, w: torch.Tensor) -> bool:
+    """Whether a copy derived from a weight, keyed (weight, storage, version, ...), is still that weight's: the
+    same tensor, storage and version (a load, `.to()`, an in-place edit or a new tensor make it stale)."""
+    return copy[0] is w and copy[1] == w.data_ptr() and copy[2] == w._version
+
+
 class _PolicyLinear:
     """What Projection and LMHead share: running the chosen path, and owning a packed copy of the weight.
 
@@ -240,8 +246,7 @@ class _PolicyLinear:
         """(packed weight, float32 bias or None): the copy held if it is still this weight's, else a new one."""
         w = self._parameters["weight"]
         p = self._pack  # (weight, storage, version, rows_hint, widen, packed, bias)
-        if (p is not None and p[0] is w and p[2] == w._version and p[4] == widen and (p[3] == rows_hint or widen)
-                and p[1] == w.data_ptr()):
+        if p is not None and _still(p, w) and p[4] == widen and (p[3] == rows_hint or widen):
             return p[5], p[6]
         self._pack = None  # free the stale copy before building the new one
         with torch.no_grad():
@@ -434,7 +439,7 @@ class LMHead(_PolicyLinear, nn.Linear):
         """The int8 copy of the weight (rows scaled by their largest |w| / 127, rounded to nearest), its scales
         and the screen's error bounds, rebuilt when the weight changes."""
         s = self._screen
-        if s is not None and s[0] is w and s[1] == w.data_ptr() and s[2] == w._version:
+        if s is not None and _still(s, w):
             return s[3:]
         self._screen = None
         with torch.no_grad():

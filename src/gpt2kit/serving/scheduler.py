@@ -298,7 +298,7 @@ class Engine:
                 best, logits = None, e
             if best is not None:
                 self.greedy_steps += 1
-            self._decode_done(rows, logits, best)
+            self._decode_done(rows, logits[:, None] if isinstance(logits, torch.Tensor) else logits, best)
             return
         results = self._run_parts(parts)
         for (seq, chunk), out in zip(chunks, results[1:] if rows else results):
@@ -397,8 +397,8 @@ class Engine:
 
     # -- decode -------------------------------------------------------------------------------------
     def _decode_done(self, rows: list[Sequence], logits, best=None) -> None:
-        """logits (B, 1, V) or (B, V) of the decoding rows, or the exception their forward raised; or, with
-        logits None, best (B,): each row's greedy token, which the head proved the argmax of finite logits."""
+        """logits (B, 1, V) of the decoding rows, or the exception their forward raised; or, with logits None,
+        best (B,): each row's greedy token, which the head proved the argmax of finite logits."""
         if isinstance(logits, Exception):
             for s in rows:
                 self._crash(s, logits, "a decode step")
@@ -407,16 +407,9 @@ class Engine:
             self.slot_tokens[s.slot].append(s.pending)
             s.pending = None
         if best is None:
-            self._sample_and_accept(rows, logits[:, -1] if logits.dim() == 3 else logits)  # (B, V)
-            return
-        now = time.monotonic()
-        for s, tok in zip(rows, best.tolist()):
-            if s.done:
-                continue
-            try:
-                self._accept(s, tok, None, now)
-            except Exception as e:
-                self._crash(s, e, "detokenizing")
+            self._sample_and_accept(rows, logits[:, -1])  # (B, V)
+        else:
+            self._accept_all(rows, best.tolist(), {})
 
     def _compact(self, rows: list[Sequence]) -> None:
         """Move the B decoding sequences into slots 0..B-1, swapping cache rows with whatever is there (a free
@@ -471,6 +464,10 @@ class Engine:
             lp = torch.log_softmax(logits[want_lp], -1)  # the model's raw distribution, not the sampler's
             for j, b in enumerate(want_lp):
                 lp_rows[b] = lp[j]
+        self._accept_all(seqs, tokens, lp_rows)
+
+    def _accept_all(self, seqs: list[Sequence], tokens: list, lp_rows: dict) -> None:
+        """Hand each sequence its new token (None: its sampler failed), with its logprob row where asked."""
         now = time.monotonic()
         for b, (s, tok) in enumerate(zip(seqs, tokens)):
             if tok is None or s.done:
