@@ -12,9 +12,11 @@ TORCH := torch==2.13.0
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# --no-cache-dir: the wheels lie on this disk already; a cached copy of each (torch's is ~200 MB, unpacked
+# ~750 MB) only costs disk, and CI machines have run out of it during this step
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-cache-dir $(TORCH)
+	$(BIN)/pip install -q --no-cache-dir -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
