@@ -5,6 +5,7 @@ import torch
 
 from gpt2kit import native
 from gpt2kit.loading import load_model_and_tokenizer
+from gpt2kit.model.cache import StaticCache
 from gpt2kit.serving.sampling import RowSampler, SamplingParams, sample_rows
 from gpt2kit.serving.scheduler import ChoiceUpdate, Engine, EngineRequest, Failed, PromptDone
 from gpt2kit.serving.stop import IncrementalDetokenizer, StopMatcher
@@ -95,38 +96,53 @@ def test_greedy_steps_take_the_heads_argmax_unless_logprobs_are_asked(model_tok)
     assert all(t.logprob is not None for e in c.events if isinstance(e, ChoiceUpdate) for t in e.tokens)
 
 
-def test_decoding_rows_stay_in_consecutive_slots_and_are_read_without_copies(model_tok):
-    """Requests that end at different steps leave holes among the slots; the engine swaps rows so that the
-    decoding ones are slots 0..B-1 and every layer reads the cache as a view (no gathered copies), and each
-    completion is still the one it gets alone."""
+@pytest.mark.parametrize("attention", ["fused", "eager"])
+def test_decoding_rows_are_read_in_place_without_copies(model_tok, attention):
+    """Requests that end at different steps leave holes among the slots. The fused decode kernel reads each row
+    in its own slot, so rows stay where they are (no swaps); any other attention reads the cache as views only
+    for slots 0..B-1, so there the engine swaps the decoding rows into 0..B-1. Either way no layer gathers a
+    copy, and each completion is still the one it gets alone."""
     model, tok = model_tok
-    engine = Engine(model, tok, max_num_seqs=5, max_model_len=128)
-    g = torch.Generator().manual_seed(7)
-    prompts = [[int(i) for i in torch.randint(0, 50000, (n,), generator=g)] for n in (5, 17, 9, 30, 12, 21, 7)]
-    lengths = [3, 20, 6, 14, 9, 11, 4]
-    calls, decode = [], engine._decode_parts
+    if attention == "fused" and not StaticCache(model.config, 1, 8).decode_kernel_fits():
+        pytest.skip("no native decode kernel on this machine")
+    before = model.config._attn_implementation
+    if attention == "eager":
+        model.set_attn_implementation("eager")
+    try:
+        engine = Engine(model, tok, max_num_seqs=5, max_model_len=128)
+        assert engine.compact is (attention == "eager")
+        g = torch.Generator().manual_seed(7)
+        prompts = [[int(i) for i in torch.randint(0, 50000, (n,), generator=g)] for n in (5, 17, 9, 30, 12, 21, 7)]
+        lengths = [3, 20, 6, 14, 9, 11, 4]
+        calls, decode, swaps = [], engine._decode_parts, []
 
-    def spy(parts):
-        calls.extend(rows.tolist() for ids, rows, _ in parts if ids.shape[1] == 1)  # the decoding rows
-        return decode(parts)
+        def spy(parts):
+            calls.extend(rows.tolist() for ids, rows, _ in parts if ids.shape[1] == 1)  # the decoding rows
+            return decode(parts)
 
-    engine._decode_parts = spy
-    clients = [submit(engine, f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts[:5], lengths[:5]))]
-    late = []
-    steps = 0
-    while not all(c.finished() for c in clients + late):
-        engine.step()
-        steps += 1
-        if steps == 8:  # two more arrive once the first have left their slots
-            late = [submit(engine, f"r{i}", prompts[i], lengths[i]) for i in (5, 6)]
-        assert steps < 200
-    batched = [rows for rows in calls if len(rows) > 1]
-    assert batched and all(rows == list(range(len(rows))) for rows in batched)
-    assert any(len(rows) < 5 for rows in batched[len(batched) // 2:])  # holes did open up
-    assert engine.cache.gathers == 0
-    for c, p, n in zip(clients + late, prompts, lengths):
-        assert c.tokens() == generate_alone(model, p, n)
-
+        engine._decode_parts = spy
+        swap = engine.cache.swap_rows
+        engine.cache.swap_rows = lambda a, b: (swaps.append((a, b)), swap(a, b))
+        clients = [submit(engine, f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts[:5], lengths[:5]))]
+        late = []
+        steps = 0
+        while not all(c.finished() for c in clients + late):
+            engine.step()
+            steps += 1
+            if steps == 8:  # two more arrive once the first have left their slots
+                late = [submit(engine, f"r{i}", prompts[i], lengths[i]) for i in (5, 6)]
+            assert steps < 200
+        batched = [rows for rows in calls if len(rows) > 1]
+        assert batched and any(len(rows) < 5 for rows in batched[len(batched) // 2:])  # holes did open up
+        if attention == "eager":
+            assert swaps and all(rows == list(range(len(rows))) for rows in batched)
+        else:
+            assert not swaps and any(rows != list(range(len(rows))) for rows in batched)  # read where they lie
+        assert engine.cache.gathers == 0 and engine.compact is (attention == "eager")
+        for c, p, n in zip(clients + late, prompts, lengths):
+            assert c.tokens() == generate_alone(model, p, n)
+    finally:
+        model.set_attn_implementation(before)
 
 
 @pytest.mark.parametrize("quantize,embeddings", [("int8", False), ("int4", True)])

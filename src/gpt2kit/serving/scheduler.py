@@ -133,6 +133,10 @@ class Engine:
         # a step of greedy rows only, none asking for logprobs: their argmax from the head (model.decode_greedy)
         self._decode_greedy = lambda ids, slots: model.decode_greedy(ids, self.cache, rows=slots, rows_hint=hint,
                                                                      replay=self.replay)
+        # the fused decode kernel (native/attention.c) reads each row's keys in its own slot, wherever it lies; any
+        # other attention reads the cache as views only for rows in slots 0..B-1 (else every layer gathers a copy),
+        # so only then are the decoding rows compacted (_compact). Should a step gather all the same, from then on.
+        self.compact = not (self.cache.decode_kernel_fits() and cfg._attn_implementation != "eager")
         self.greedy_steps = 0  # steps whose tokens came from the head's argmax, without logits
         self.mixed_forwards = 0  # forwards that carried decoding rows and prompt tokens together
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_num_seqs)]  # what each slot's cache holds
@@ -188,7 +192,10 @@ class Engine:
         try:
             with torch.inference_mode():
                 self._admit()
+                gathers = self.cache.gathers
                 self._forward_step()
+                if self.cache.gathers != gathers:  # scattered rows were gathered: this attention wants them compacted
+                    self.compact = True
         except Exception:  # a bug in the engine itself: fail what is in flight, keep serving
             log.exception("engine step failed; failing the requests in flight")
             for seq in list(self.prefilling) + list(self.running):
@@ -275,8 +282,9 @@ class Engine:
         """One forward for every decoding sequence (its pending token) and this step's prompt chunks."""
         rows = [s for s in self.running if s.pending is not None]
         if rows:
-            self._compact(rows)
-            rows.sort(key=lambda s: s.slot)  # slots 0..B-1 in order: the cache is read as views
+            if self.compact:
+                self._compact(rows)
+            rows.sort(key=lambda s: s.slot)  # in slot order (0..B-1 when compacted: the cache is read as views)
         chunks = self._chunks(len(rows))  # [(sequence, its next prompt tokens)]
         parts = []
         if rows:
