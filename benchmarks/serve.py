@@ -222,7 +222,7 @@ async def prefix_probe(port, repeats=3, prefix_len=512):
             "speedup": uncached / cached, "cached_tokens_reported": out[0][1][1]}
 
 
-def chart(rows, path):
+def chart(rows, path, isa: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +235,7 @@ def chart(rows, path):
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s")
     ax.set_xscale("log", base=2)
-    ax.set_title("GPT-2 small shape, CPU, 128 tokens per request")
+    ax.set_title(f"GPT-2 small shape, CPU ({isa}), 128 tokens per request", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -287,7 +287,7 @@ def main() -> int:
         print(json.dumps(results["offline_generate"]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(results, indent=2))
-    chart(results["closed_loop"], RESULTS / "serve.png")
+    chart(results["closed_loop"], RESULTS / "serve.png", results["machine"]["instruction_set"])
     print("| server | clients | output tok/s | req/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in results["closed_loop"]:
