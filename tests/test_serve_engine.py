@@ -5,6 +5,7 @@ import torch
 
 from gpt2kit import native
 from gpt2kit.loading import load_model_and_tokenizer
+from gpt2kit.model import linear
 from gpt2kit.model.cache import StaticCache
 from gpt2kit.serving.sampling import RowSampler, SamplingParams, sample_rows
 from gpt2kit.serving.scheduler import ChoiceUpdate, Engine, EngineRequest, Failed, PromptDone
@@ -306,3 +307,25 @@ def test_stop_matcher_holds_back_and_never_passes_a_stop():
     m.feed("a\n")
     m.feed("\nb")
     assert m.release(final=True) == "a\n\n" and m.stopped == "\n\n"
+
+
+def test_warm_up_runs_each_forward_once_and_leaves_the_cache_empty():
+    """Engine.warm_up (before the server's ready line) runs a prompt chunk, a decode step and a greedy step in
+    slot 0: afterwards the head's int8 screen exists (the greedy step took the head's argmax), every slot is
+    empty, no prefix is taken from what warm-up wrote, and a request gets what it gets alone. A context too
+    short for it is no error."""
+    torch.manual_seed(0)
+    model, tok, _ = load_model_and_tokenizer(None, "cpu", "float32")  # its own: the screen must not exist yet
+    engine = Engine(model, tok, max_num_seqs=2, max_model_len=64)
+    head = model.lm_head
+    assert getattr(head, "_screen", None) is None
+    engine.warm_up()
+    if native.library() is not None:
+        assert head._screen is not None and head.last_path == linear.ARGMAX_SCREEN
+    assert engine.cache.lengths == [0, 0] and engine.slot_tokens == [[], []]
+    prompt = [int(i) for i in torch.randint(0, 50000, (9,), generator=torch.Generator().manual_seed(3))]
+    c = submit(engine, "r", prompt, 6)
+    run_until(engine, c.finished)
+    assert c.tokens() == generate_alone(model, prompt, 6)
+    assert not any(isinstance(e, PromptDone) and e.cached_tokens for e in c.events)
+    Engine(model, tok, max_num_seqs=1, max_model_len=2).warm_up()  # no room for a chunk and a step: nothing run

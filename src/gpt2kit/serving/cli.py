@@ -91,8 +91,6 @@ def _generation_defaults(source: str | None, mode: str) -> dict:
 
 def load_engine(state, args) -> None:
     """Load the model and start the engine (runs in a background thread while /health says 503)."""
-    import torch
-
     from ..loading import load_model_and_tokenizer
     from ..default_model import default_model_dir
     from .chat import load_chat_template
@@ -126,10 +124,7 @@ def load_engine(state, args) -> None:
     state.metrics = Metrics(state.served_names[0])
     engine = Engine(model, tok, max_num_seqs=args.max_num_seqs, max_model_len=max_len, metrics=state.metrics,
                     max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
-    with torch.inference_mode():  # warm up the kernels so the first request does not pay for it
-        engine._decode_parts([(torch.zeros(1, 2, dtype=torch.long, device=model.device),
-                               torch.tensor([0], device=model.device), 1)])
-        engine.cache.reset_rows([0])
+    engine.warm_up()  # before the ready line: no request pays for a first call's packing
     engine.start()
     state.engine = engine
 

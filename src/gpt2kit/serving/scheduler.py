@@ -151,6 +151,23 @@ class Engine:
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="gpt2kit-engine", daemon=True)
 
+    def warm_up(self) -> None:
+        """Run each kind of forward a step takes once, before serving, so that no request pays for what a first call
+        does (packing the weights for the step's row layout and for a long chunk's fused path, the head's int8
+        screen, recording the decode replay): a prompt chunk of up to prefill_chunk_idle tokens in slot 0, then a
+        decode step of that row with logits and a greedy one; the slot is emptied after. GPT-2 small, 2-core Xeon:
+        a first 1-row greedy step took 1.64 s and a first 300-token chunk 1.19 s, then 0.018 s and 0.21 s; this
+        warm-up 2.6 s."""
+        n = min(self.prefill_chunk_idle, self.max_model_len - 2)
+        if n < 1:
+            return
+        slot, one = torch.tensor([0], device=self.device), torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self._decode_parts([(torch.zeros(1, n, dtype=torch.long, device=self.device), slot, 1)])
+            self._decode_parts([(one, slot, 1)])
+            self._decode_greedy(one, slot)
+        self.cache.reset_rows([0])
+
     # -- the HTTP side (any thread) ---------------------------------------------------------------
     def start(self) -> None:
         self.thread.start()
