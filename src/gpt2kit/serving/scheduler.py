@@ -439,8 +439,9 @@ class Engine:
     def _compact(self, rows: list[Sequence]) -> None:
         """Move the B decoding sequences into slots 0..B-1, swapping cache rows with whatever is there (a free
         slot's stored prefix, a prompt being read); only where self.compact says (attention other than the
-        fused decode kernel). There, rows in scattered slots make every layer of every step gather its keys and values (at 32 rows of ~600 positions, GPT-2 small: ~1 GB copied a step); a swap
-        costs two rows' worth once, when a sequence joins or leaves the batch."""
+        fused decode kernel). There, rows in scattered slots make every layer of every step gather its keys and
+        values (at 32 rows of ~600 positions, GPT-2 small: ~1 GB copied a step); a swap costs two rows' worth
+        once, when a sequence joins or leaves the batch."""
         B = len(rows)
         movers = [s for s in rows if s.slot >= B]
         if not movers:
