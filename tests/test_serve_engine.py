@@ -97,6 +97,36 @@ def test_greedy_steps_take_the_heads_argmax_unless_logprobs_are_asked(model_tok)
     assert all(t.logprob is not None for e in c.events if isinstance(e, ChoiceUpdate) for t in e.tokens)
 
 
+def test_more_greedy_rows_and_mixed_steps_take_the_heads_argmax(model_tok):
+    """Six greedy rows, joined by prompts while they decode: where the CPU has bf16 products, every step's
+    decoding rows (alone, or beside prompt chunks: decode_parts_greedy) get their tokens from the head's bf16
+    screen, and each completion equals generate's for it alone."""
+    from gpt2kit import cpu
+    from gpt2kit.model import onednn
+
+    model, tok = model_tok
+    engine = Engine(model, tok, max_num_seqs=6, max_model_len=256)
+    g = torch.Generator().manual_seed(11)
+    prompts = [[int(i) for i in torch.randint(0, 50000, (n,), generator=g)] for n in (4, 40, 9, 70, 15, 30)]
+    done, bests = engine._decode_done, []
+    engine._decode_done = lambda rows, logits, best=None: (bests.append((len(rows), best is not None)),
+                                                           done(rows, logits, best))
+    clients = [submit(engine, f"r{i}", p, 16) for i, p in enumerate(prompts[:3])]
+    run_until(engine, lambda: all(len(c.tokens()) >= 3 for c in clients))
+    clients += [submit(engine, f"r{i}", p, 16) for i, p in enumerate(prompts[3:], 3)]  # read beside the decoding
+    mixed = engine.mixed_forwards
+    run_until(engine, lambda: all(c.finished() for c in clients))
+    assert engine.mixed_forwards > mixed
+    for c, p in zip(clients, prompts):
+        assert c.tokens() == generate_alone(model, p, 16)
+    if native.library() is not None and cpu.native_bf16() and onednn.bf16_available():
+        assert all(argmax for _, argmax in bests)  # every decoding step took the head's argmax
+        assert any(n >= 3 for n, _ in bests) and model.lm_head._screen16 is not None  # the bf16 screen at 3+ rows
+        assert engine.greedy_steps == len(bests)
+    else:
+        assert model.lm_head._screen16 is None
+
+
 @pytest.mark.parametrize("attention", ["fused", "eager"])
 def test_decoding_rows_are_read_in_place_without_copies(model_tok, attention):
     """Requests that end at different steps leave holes among the slots. The fused decode kernel reads each row
@@ -115,13 +145,17 @@ def test_decoding_rows_are_read_in_place_without_copies(model_tok, attention):
         g = torch.Generator().manual_seed(7)
         prompts = [[int(i) for i in torch.randint(0, 50000, (n,), generator=g)] for n in (5, 17, 9, 30, 12, 21, 7)]
         lengths = [3, 20, 6, 14, 9, 11, 4]
-        calls, decode, swaps = [], engine._decode_parts, []
+        calls, swaps = [], []
 
-        def spy(parts):
-            calls.extend(rows.tolist() for ids, rows, _ in parts if ids.shape[1] == 1)  # the decoding rows
-            return decode(parts)
+        def spy(run):  # whichever forward a step takes, the decoding rows it was given
+            def spied(parts):
+                calls.extend(rows.tolist() for ids, rows, _ in parts if ids.shape[1] == 1)
+                return run(parts)
+            return spied
 
-        engine._decode_parts = spy
+        engine._decode_parts, engine._decode_parts_greedy = spy(engine._decode_parts), spy(engine._decode_parts_greedy)
+        greedy = engine._decode_greedy
+        engine._decode_greedy = lambda ids, slots: (calls.append(slots.tolist()), greedy(ids, slots))[1]
         swap = engine.cache.swap_rows
         engine.cache.swap_rows = lambda a, b: (swaps.append((a, b)), swap(a, b))
         clients = [submit(engine, f"r{i}", p, n) for i, (p, n) in enumerate(zip(prompts[:5], lengths[:5]))]
@@ -246,26 +280,30 @@ def test_a_failing_request_leaves_the_others_alone(model_tok):
 
 
 def test_a_prompt_that_breaks_the_joint_forward_fails_alone(model_tok):
-    """A step's decoding rows and prompt chunks run as one forward; when it raises, the parts are run one
-    by one, so only the request whose part fails is answered with an error."""
+    """A step's decoding rows and prompt chunks run as one forward (greedy rows: their argmax from the head,
+    decode_parts_greedy); when it raises, the parts are run one by one, so only the request whose part fails is
+    answered with an error."""
     model, tok = model_tok
     engine = Engine(model, tok, max_num_seqs=3, max_model_len=256)
-    decode = engine._decode_parts
     good_ids, bad_ids = tok.encode("ROMEO:"), tok.encode("KING: what say you")
     good = submit(engine, "good", good_ids, 12)
     run_until(engine, lambda: len(good.tokens()) >= 2)
     bad = submit(engine, "bad", bad_ids, 12)
     seen = []
 
-    def breaks_on_the_prompt(parts):
-        seen.append(len(parts))
-        if any(ids.shape[1] == len(bad_ids) for ids, _, _ in parts):
-            raise RuntimeError("this prompt breaks the model")
-        return decode(parts)
+    def breaks_on_the_prompt(run, name):
+        def forward(parts):
+            seen.append((name, len(parts)))
+            if any(ids.shape[1] == len(bad_ids) for ids, _, _ in parts):
+                raise RuntimeError("this prompt breaks the model")
+            return run(parts)
+        return forward
 
-    engine._decode_parts = breaks_on_the_prompt
+    engine._decode_parts = breaks_on_the_prompt(engine._decode_parts, "logits")
+    engine._decode_parts_greedy = breaks_on_the_prompt(engine._decode_parts_greedy, "greedy")
     run_until(engine, lambda: good.finished() and any(isinstance(e, Failed) for e in bad.events))
-    assert seen[:3] == [2, 1, 1]  # the joint forward, then each part alone
+    # the joint greedy forward, the joint forward again, then each part alone
+    assert seen[:4] == [("greedy", 2), ("logits", 2), ("logits", 1), ("logits", 1)]
     assert next(e for e in bad.events if isinstance(e, Failed)).status == 500
     assert good.tokens() == generate_alone(model, good_ids, 12)
 

@@ -65,19 +65,24 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     @torch.no_grad()
     def decode_greedy(self, input_ids, cache, rows=None, position_ids=None, *, key_mask=None,
-                      rows_hint: int | None = None, replay=None, banned=None):
+                      rows_hint: int | None = None, replay=None, banned=None, any_rows: bool = False):
         """`decode` (same arguments) for a greedy step that needs only each row's best next token:
         -> (ids (B,), None) where the head proves the argmax without computing the logits (LMHead.argmax: the
-        float32 head at up to 2 rows, through its int8 screen; `banned` ids are never chosen), else
+        float32 head at up to 2 rows, through its int8 screen; with any_rows, at more rows through its bf16
+        screen, as the native row kernel sums the logits; `banned` ids are never chosen), else
         (None, float32 logits (B, V)) as `decode` gives them for the last position."""
         B, T = input_ids.shape
         with self._decoding(B, B * T, rows_hint):
             h = self.transformer.decode(input_ids, cache, rows, position_ids, key_mask, None, last=1,
                                         replay=replay)  # (B, 1, C)
-            ids = self.lm_head.argmax(h[:, -1], banned) if isinstance(self.lm_head, LMHead) else None
+            ids = self._head_argmax(h[:, -1], banned, any_rows)
             if ids is not None:
                 return ids.to(input_ids.device), None
             return None, self.lm_head(h).float()[:, -1]
+
+    def _head_argmax(self, h, banned, any_rows: bool):
+        """h (B, C) -> LMHead.argmax's ids (B,), or None (another head, or the screen does not apply)."""
+        return self.lm_head.argmax(h, banned, any_rows=any_rows) if isinstance(self.lm_head, LMHead) else None
 
     def decode_parts(self, parts, cache, *, rows_hint: int | None = None, replay=None) -> list[torch.Tensor]:
         """`decode` for several groups of rows with different token counts in one forward (a server step:
@@ -90,17 +95,35 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         if len(parts) == 1:
             ids, rows, keep = parts[0]
             return [self.decode(ids, cache, rows=rows, logits_to_keep=keep, rows_hint=rows_hint, replay=replay)]
+        return self._decode_parts(parts, cache, rows_hint, argmax_first=False)[1]
+
+    def decode_parts_greedy(self, parts, cache, *, rows_hint: int | None = None):
+        """`decode_parts` (same arguments, two parts or more) where the first part's rows are greedy and need only
+        their best next token (a server step's decoding rows, beside prompt chunks): -> (ids (B_0,), logits of
+        the other parts) where the head proves the first part's argmax as decode_greedy(any_rows=True) does, else
+        (None, every part's logits) as decode_parts gives them."""
+        return self._decode_parts(parts, cache, rows_hint, argmax_first=True)
+
+    def _decode_parts(self, parts, cache, rows_hint, argmax_first: bool):
         sizes = [(ids.shape[0], ids.shape[1] if keep == 0 else min(keep, ids.shape[1])) for ids, _, keep in parts]
         tokens = sum(ids.numel() for ids, _, _ in parts)
         with self._decoding(sum(b for b, _ in sizes), tokens, rows_hint):
             h = self.transformer.decode_parts([(ids, rows, None if keep == 0 else keep) for ids, rows, keep in parts],
                                               cache)  # (1, N', C)
-            logits = self.lm_head(h).float()[0]  # (N', V)
+            first = None
+            if argmax_first:
+                b0 = sizes[0][0] * sizes[0][1]
+                first = self._head_argmax(h[0, :b0], None, any_rows=True)  # (B_0,) or None
+            if first is not None:
+                logits = self.lm_head(h[:, b0:]).float()[0]  # (N' - B_0, V)
+                sizes = sizes[1:]
+            else:
+                logits = self.lm_head(h).float()[0]  # (N', V)
         out, off = [], 0
         for b, t in sizes:
             out.append(logits[off:off + b * t].view(b, t, -1))
             off += b * t
-        return out
+        return (None if first is None else first.to(parts[0][0].device)), out
 
     def _decoding(self, batch: int, tokens: int, rows_hint: int | None):
         """The matmul policy's context for a decode forward of `tokens` new tokens over `batch` rows."""

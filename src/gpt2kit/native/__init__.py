@@ -114,7 +114,7 @@ def load(isa: str):
     lib.gpt2kit_bf16_mm.argtypes = lib.gpt2kit_f32_mm.argtypes
     lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
                                              i64]
-    lib.gpt2kit_head_argmax.argtypes = [p, i64, i64, i64, p, p, i64, p, i64, p, i64, p, p]
+    lib.gpt2kit_head_argmax.argtypes = [p, i64, i64, i64, p, p, i64, p, f32, i64, p, i64, p, p]
     for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
                lib.gpt2kit_bf16_mm, lib.gpt2kit_decode_attention, lib.gpt2kit_head_argmax):
         fn.restype = ctypes.c_int

@@ -216,50 +216,55 @@ int gpt2kit_bf16_mm(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     return 0;
 }
 
-/* The argmax of the float32 head's logits for M <= 2 rows, exactly as gpt2kit_f32_mm computes them ([N, K], no
- * bias: the same per-row sums, nk_row), from a screen z (M rows ldz apart) of every logit that a cheaper product
- * computed (LMHead.argmax: an int8 copy of the head, a quarter of its bytes) and a bound on the screen's error
- * that factors as |z[m, n] - logit[m, n]| <= |x[m]| * cw[n] (Cauchy-Schwarz over the weights' quantization
- * error, plus both sums' float32 rounding: model/linear.py screen_bounds). No n with z + bound below the largest
+/* The argmax of the float32 head's logits, exactly as gpt2kit_f32_mm computes them ([N, K], no bias: the same
+ * per-row sums, nk_row), from a screen z (M rows ldz apart) of every logit that a cheaper product computed
+ * (LMHead.argmax: an int8 copy of the head, a quarter of its bytes, or a bfloat16 one) and a bound on the
+ * screen's error of the form |z[m, n] - logit[m, n]| <= |x[m]| * cw[n] + rel * |z[m, n]| (Cauchy-Schwarz over
+ * the inputs' and weights' rounding, plus the sums' float32 rounding; rel: a screen rounded to bfloat16 on
+ * output: model/linear.py screen_bounds, bf16_screen_bounds). No n with z + bound below the largest
  * z - bound can be the argmax: only the outputs left (a handful) are summed again from W in float32, and the
  * first largest of those is the answer. banned (n_banned ids): outputs a logits processor sets to -inf (eos before
  * min_new_tokens), never chosen. out[m]: the argmax; n_candidates[m]: outputs summed again. Returns 0; 1 where a
  * logit is not finite (or could overflow): the caller computes the logits instead; -1 for arguments it refuses. */
 int gpt2kit_head_argmax(const float *x, int64_t M, int64_t K, int64_t ldx, const float *w, const float *z,
-                        int64_t ldz, const float *cw, int64_t N, const int64_t *banned, int64_t n_banned,
-                        int64_t *out, int64_t *n_candidates) {
-    if (M < 1 || M > 2 || K < 1 || N < 1 || n_banned < 0) return -1;
+                        int64_t ldz, const float *cw, float rel, int64_t N, const int64_t *banned,
+                        int64_t n_banned, int64_t *out, int64_t *n_candidates) {
+    if (M < 1 || K < 1 || N < 1 || n_banned < 0 || !(rel >= 0.0f && rel < 1.0f)) return -1;
     for (int64_t i = 0; i < n_banned; i++)
         if (banned[i] < 0 || banned[i] >= N) return -1;
-    int status = 0;
     char *is_banned = (char *)calloc((size_t)N, 1);
     if (is_banned == NULL) return -1;
     for (int64_t i = 0; i < n_banned; i++) is_banned[banned[i]] = 1;
-    for (int64_t m = 0; m < M && status == 0; m++) {
+    int status = 0;
+    #pragma omp parallel for schedule(static) if (M > 1) reduction(|: status)
+    for (int64_t m = 0; m < M; m++) {  /* rows are independent: a thread each */
         const float *xm = x + m * ldx, *zm = z + m * ldz;
         double ss = 0.0;
         for (int64_t k = 0; k < K; k++) ss += (double)xm[k] * xm[k];
         const float cx = (float)sqrt(ss) * (1.0f + 1e-6f);  /* |x|, rounded up */
-        if (!isfinite(cx)) { status = 1; break; }
-        float lower = -INFINITY;  /* the largest lower bound: the argmax's logit is at least this */
+        if (!isfinite(cx)) { status |= 1; continue; }
+        /* the largest lower bound (the argmax's logit is at least this), and whether any screen value is a NaN or
+         * inf or its sum could overflow; branch-free, so that the compiler vectorizes it */
+        float lower = -INFINITY;
+        int bad = 0;
         for (int64_t n = 0; n < N; n++) {
-            const float b = cx * cw[n];
-            if (!(fabsf(zm[n]) + b < 1e37f)) { status = 1; break; }  /* a NaN or inf, or a sum that could overflow */
-            const float lo = zm[n] - b;
-            if (!is_banned[n] && lo > lower) lower = lo;
+            const float a = fabsf(zm[n]), b = cx * cw[n] + rel * a;
+            bad |= !(a + b < 1e37f);
+            const float lo = is_banned[n] ? -INFINITY : zm[n] - b;
+            lower = lo > lower ? lo : lower;
         }
-        if (status) break;
+        if (bad) { status |= 1; continue; }
         int64_t best = -1, count = 0;
         float best_v = -INFINITY;
         for (int64_t n = 0; n < N; n++) {
-            if (is_banned[n] || zm[n] + cx * cw[n] < lower) continue;
+            if (is_banned[n] || zm[n] + cx * cw[n] + rel * fabsf(zm[n]) < lower) continue;
             float v;
             nk_row(xm, ldx, K, w, n * K, 0.0f, &v, 1, 1, 0);  /* what gpt2kit_f32_mm gives for output n */
             count++;
-            if (!isfinite(v)) { status = 1; break; }
+            if (!isfinite(v)) { bad = 1; break; }
             if (best < 0 || v > best_v) best = n, best_v = v;  /* ascending n: the first largest, as argmax */
         }
-        if (best < 0) status = 1;  /* every output banned */
+        if (bad || best < 0) status |= 1;  /* a logit not finite, or every output banned */
         out[m] = best, n_candidates[m] = count;
     }
     free(is_banned);

@@ -131,8 +131,11 @@ class Engine:
         self.replay = DecodeReplay(limit=min(max_num_seqs, 16))
         self._decode_parts = lambda parts: model.decode_parts(parts, self.cache, rows_hint=hint, replay=self.replay)
         # a step of greedy rows only, none asking for logprobs: their argmax from the head (model.decode_greedy)
+        # (any_rows: at more rows too, as the native row kernel sums the logits, so a row's token does not depend
+        # on the rows beside it); and the same for the decoding rows of a step that also reads prompt chunks
         self._decode_greedy = lambda ids, slots: model.decode_greedy(ids, self.cache, rows=slots, rows_hint=hint,
-                                                                     replay=self.replay)
+                                                                     replay=self.replay, any_rows=True)
+        self._decode_parts_greedy = lambda parts: model.decode_parts_greedy(parts, self.cache, rows_hint=hint)
         # the fused decode kernel (native/attention.c) reads each row's keys in its own slot, wherever it lies; any
         # other attention reads the cache as views only for rows in slots 0..B-1 (else every layer gathers a copy),
         # so only then are the decoding rows compacted (_compact). Should a step gather all the same, from then on.
@@ -316,7 +319,8 @@ class Engine:
             return
         if rows and chunks:
             self.mixed_forwards += 1
-        if rows and not chunks and all(s.sampler.plain and s.req.logprobs is None for s in rows):
+        greedy = rows and all(s.sampler.plain and s.req.logprobs is None for s in rows)
+        if greedy and not chunks:
             try:
                 best, logits = self._decode_greedy(*parts[0][:2])
             except Exception as e:
@@ -325,11 +329,21 @@ class Engine:
                 self.greedy_steps += 1
             self._decode_done(rows, logits[:, None] if isinstance(logits, torch.Tensor) else logits, best)
             return
-        results = self._run_parts(parts)
+        best = results = None
+        if greedy:  # beside prompt chunks: the decoding rows' argmax from the head, the chunks' logits
+            try:
+                best, results = self._decode_parts_greedy(parts)
+            except Exception:  # run again below, where a failure is kept to its own part
+                best, results = None, None
+            if best is not None:
+                self.greedy_steps += 1
+                results = [None] + results
+        if results is None:
+            results = self._run_parts(parts)
         for (seq, chunk), out in zip(chunks, results[1:] if rows else results):
             self._chunk_done(seq, chunk, out)
         if rows:
-            self._decode_done(rows, results[0])
+            self._decode_done(rows, results[0], best)
 
     def _run_parts(self, parts) -> list:
         """The logits of each part, or the exception that part raised: when the joint forward fails, each
