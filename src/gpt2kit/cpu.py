@@ -55,6 +55,7 @@ def instruction_set() -> str:
     return text
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether oneDNN's bf16 products run on bf16 hardware here (AVX512-BF16 or AMX, not held below it by
     ONEDNN_MAX_CPU_ISA): only then are they faster than float32's (on AVX2 alone they are slower)."""
