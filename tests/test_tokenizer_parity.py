@@ -23,6 +23,8 @@ EDGE_CASES = [
     "tab\tvert\x0bform\x0ccr\r", "<|endoftext|>", "a<|endoftext|>b <|endoftext|> c<|endoftext|><|endoftext|>",
     "<|endoftext", "def f(x):\n    return x ** 2  # square\n\n\n", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕄𝕒𝕥𝕙 \U0010fffd \U000e0001",
     "\ud7ff\ue000\uffff", "  leading and trailing  \n  ", "mixed: café naïve résumé coöperate Ångström",
+    # letters only from Unicode 17 on: tiktoken and transformers (Unicode 16) split them as symbols; so must we
+    "\U0003d000's \U000323b0's", "\U00010d50's \U000105c0's",
 ]
 # past the chunk size (8192 chars), mixing ASCII and non-ASCII chunks around newline boundaries
 LONG = ("x = 1\n" * 900 + "é\n  y\n\n z \n" + "def g():\n\treturn 'ü'\n" * 400 + "a\u00a0\n" * 3000
@@ -169,3 +171,17 @@ def _instance(cls):
     if cls not in _INSTANCES:
         _INSTANCES[cls] = cls()
     return _INSTANCES[cls]
+
+
+def test_code_points_newer_than_the_references_are_symbols_and_always_caught():
+    """The code points `regex` counts as letters or digits from Unicode 17 on are split as symbols, as tiktoken and
+    transformers split them (EDGE_CASES hold some), and the cheap scan that picks the pattern for them misses none."""
+    import regex
+
+    from gpt2kit.tokenizer import bpe
+
+    newer = regex.compile(bpe._X)
+    missed = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF and newer.match(chr(cp))
+              and not bpe._MAYBE_NEWER.match(chr(cp))]
+    assert not missed
+    assert bpe.split_words("\U0003d000's x\U000323b0") == ["\U0003d000'", "s", " x", "\U000323b0"]
