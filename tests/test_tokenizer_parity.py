@@ -23,7 +23,8 @@ EDGE_CASES = [
     "tab\tvert\x0bform\x0ccr\r", "<|endoftext|>", "a<|endoftext|>b <|endoftext|> c<|endoftext|><|endoftext|>",
     "<|endoftext", "def f(x):\n    return x ** 2  # square\n\n\n", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝕄𝕒𝕥𝕙 \U0010fffd \U000e0001",
     "\ud7ff\ue000\uffff", "  leading and trailing  \n  ", "mixed: café naïve résumé coöperate Ångström",
-    # letters only from Unicode 17 on: tiktoken and transformers (Unicode 16) split them as symbols; so must we
+    # letters only from Unicode 17 on, which tiktoken and transformers (Unicode 16) split as symbols, so must we;
+    # then letters of Unicode 16 (Garay, Todhri), letters to all of them
     "\U0003d000's \U000323b0's", "\U00010d50's \U000105c0's",
 ]
 # past the chunk size (8192 chars), mixing ASCII and non-ASCII chunks around newline boundaries
