@@ -163,9 +163,13 @@ def test_full_queue_is_503_with_retry_after():
 
 
 def test_sigterm_drains_running_requests_then_exits_0():
+    """The running request must outlast the checks made while the server drains: it asks for 4 x 200 tokens with
+    20 logprobs each (about a megabyte of stream, slower to compute than plain tokens), and its client stops
+    reading after the first chunk until those checks are done, so the server's writes wait on it."""
     srv = ServerProcess("--no-ui")
-    body = {"prompt": "ROMEO:", "max_tokens": 100, "temperature": 0, "ignore_eos": True, "stream": True}
-    events, first = [], threading.Event()
+    body = {"prompt": "ROMEO:", "max_tokens": 200, "n": 4, "logprobs": 20, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events, first, go = [], threading.Event(), threading.Event()
 
     def stream():
         with httpx.Client(base_url=srv.url, timeout=120) as h:
@@ -174,18 +178,22 @@ def test_sigterm_drains_running_requests_then_exits_0():
                     if line:
                         events.append(line)
                         first.set()
+                        go.wait(60)
 
     t = threading.Thread(target=stream)
     t.start()
     assert first.wait(60)
     srv.proc.send_signal(signal.SIGTERM)
-    assert wait_until(lambda: any("draining" in l for l in srv.stderr), timeout=10)
-    late = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
-    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
-    assert httpx.get(srv.url + "/health").status_code == 503
+    try:
+        assert wait_until(lambda: any("draining" in l for l in srv.stderr), timeout=10)
+        assert httpx.get(srv.url + "/health").status_code == 503
+        late = httpx.post(srv.url + "/v1/completions", json={"prompt": "hi"}, timeout=10)
+        assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    finally:
+        go.set()
     t.join(60)
     assert srv.proc.wait(60) == 0
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 90  # nearly every token came as its own chunk
+    assert {c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]} == {"length"}
+    assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 4 * 180  # nearly every token its own chunk
