@@ -5,7 +5,7 @@ rows (any_rows, the server's), through the bf16 screen: the argmax of the native
 import pytest
 import torch
 
-from gpt2kit import GPT2LMHeadModel, cpu
+from gpt2kit import GPT2LMHeadModel
 from gpt2kit.model import linear, onednn
 
 transformers = pytest.importorskip("transformers")
@@ -135,7 +135,7 @@ def test_bf16_screen_at_more_rows_is_the_row_kernels_argmax(B):
     from gpt2kit import native
 
     head = head_of(50257, 768)  # GPT-2's head
-    if native.library() is None or not (cpu.native_bf16() and onednn.bf16_available()):
+    if native.library() is None or not onednn.bf16_native():
         assert screened_rows(head, torch.randn(B, 768)) is None  # no bf16 hardware or kernels: the logits
         return
     g = torch.Generator().manual_seed(4)
@@ -154,7 +154,7 @@ def test_bf16_screen_at_more_rows_is_the_row_kernels_argmax(B):
 def test_bf16_screen_ties_near_ties_bans_and_nan():
     from gpt2kit import native
 
-    if native.library() is None or not (cpu.native_bf16() and onednn.bf16_available()):
+    if native.library() is None or not onednn.bf16_native():
         pytest.skip("the bf16 screen needs bf16 hardware (AVX512-BF16 or AMX) and the native kernels")
     head = head_of(3000, 768, seed=2)
     w = head.weight

@@ -101,7 +101,6 @@ def test_more_greedy_rows_and_mixed_steps_take_the_heads_argmax(model_tok):
     """Six greedy rows, joined by prompts while they decode: where the CPU has bf16 products, every step's
     decoding rows (alone, or beside prompt chunks: decode_parts_greedy) get their tokens from the head's bf16
     screen, and each completion equals generate's for it alone."""
-    from gpt2kit import cpu
     from gpt2kit.model import onednn
 
     model, tok = model_tok
@@ -119,7 +118,7 @@ def test_more_greedy_rows_and_mixed_steps_take_the_heads_argmax(model_tok):
     assert engine.mixed_forwards > mixed
     for c, p in zip(clients, prompts):
         assert c.tokens() == generate_alone(model, p, 16)
-    if native.library() is not None and cpu.native_bf16() and onednn.bf16_available():
+    if native.library() is not None and onednn.bf16_native():
         assert all(argmax for _, argmax in bests)  # every decoding step took the head's argmax
         assert any(n >= 3 for n, _ in bests) and model.lm_head._screen16 is not None  # the bf16 screen at 3+ rows
         assert engine.greedy_steps == len(bests)

@@ -55,15 +55,6 @@ def instruction_set() -> str:
     return text
 
 
-@functools.cache
-def native_bf16() -> bool:
-    """Whether oneDNN's bf16 products run on bf16 hardware here (AVX512-BF16 or AMX, not held below it by
-    ONEDNN_MAX_CPU_ISA): only then are they faster than float32's (on AVX2 alone they are slower)."""
-    flags = cpu_flags()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return bool({"avx512_bf16", "amx_bf16"} & flags) and (cap == "ALL" or "BF16" in cap or "AMX" in cap)
-
-
 def vendor() -> str:
     """'GenuineIntel', 'AuthenticAMD', ... ('' where /proc/cpuinfo does not say)."""
     return _cpuinfo("vendor_id")

@@ -462,9 +462,9 @@ class LMHead(_PolicyLinear, nn.Linear):
             q, scale, cw = self._screen_weights(w)
             z, rel, path = torch.empty(B, V), 0.0, ARGMAX_SCREEN
             native.call(lib.gpt2kit_int8_mm, x, B, K, K, q, V, scale, None, z, V, 0, None, None, None, 0.0)
-        elif any_rows and cpu.native_bf16() and onednn.bf16_available():
+        elif any_rows and onednn.bf16_native():
             packed, cw = self._screen_bf16(w)
-            z = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").float()  # (B, V)
+            z = _linear_pointwise(x.to(torch.bfloat16), packed, None, "none", [], "").float()  # (B, V)
             rel, path = SCREEN_BF16_REL, ARGMAX_SCREEN_BF16
         else:
             return None

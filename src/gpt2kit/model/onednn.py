@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import functools
 
+import os
+
 import torch
+
+from .. import cpu
 
 
 @functools.cache
@@ -22,3 +26,13 @@ def bf16_available() -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a build without oneDNN's query
         return False
+
+
+@functools.cache
+def bf16_native() -> bool:
+    """Whether oneDNN's bf16 products run on bf16 hardware here (AVX512-BF16 or AMX, not held below it by
+    ONEDNN_MAX_CPU_ISA), so that they are faster than float32's: bf16_available() alone also holds on an AVX-512
+    CPU without them, where oneDNN converts (and on AVX2 alone bf16 is slower still)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return (bf16_available() and bool({"avx512_bf16", "amx_bf16"} & cpu.cpu_flags())
+            and (cap == "ALL" or "BF16" in cap or "AMX" in cap))
