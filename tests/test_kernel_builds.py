@@ -39,7 +39,7 @@ def test_each_build_names_itself_and_its_integer_int4_kernel():
 
 @pytest.mark.usefixtures("native_build")
 def test_4bit_products_switch_to_blas_past_the_builds_row_limit():
-    """The fused 4-bit lookup kernel runs up to LUT4_MAX_ROWS[build] rows (16 under AVX-512, 12 under AVX2, where
+    """The fused 4-bit lookup kernel (tiled at that many rows) runs up to LUT4_MAX_ROWS[build] rows (16 under AVX-512, 12 under AVX2, where
     the lookup costs more: measured in quantization/modules.py), decoding into float32 and BLAS past it; both
     match the dequantized weights."""
     import torch
@@ -53,7 +53,7 @@ def test_4bit_products_switch_to_blas_past_the_builds_row_limit():
     m = LinearInt4(torch.randn(48, 256, generator=g) * 0.02, torch.randn(48, generator=g) * 0.01, 32)
     limit = LUT4_MAX_ROWS[lib.isa]
     with torch.inference_mode():
-        for rows, kernel in ((limit, "fused-lut4"), (limit + 1, "dequantize+mm")):
+        for rows, kernel in ((limit, "fused-lut4-tiled"), (limit + 1, "dequantize+mm")):
             x = torch.randn(rows, 256, generator=g)
             y = m(x)
             assert m.last_kernel == kernel, (rows, m.last_kernel)

@@ -131,7 +131,8 @@ def test_skip_modules_and_fast_path(float_dir):
     assert out.shape == (1, 7)
     from gpt2kit import native
 
-    expected = "fused-lut4" if native.library() is not None else "dequantize+mm"  # the kernel for this CPU
+    lib = native.library()
+    expected = lib.lut4_one_row if lib is not None else "dequantize+mm"  # the one-row kernel for this CPU
     assert model.transformer.h[0].mlp.c_fc.last_kernel == expected
 
 
@@ -186,10 +187,13 @@ def test_4bit_one_row_kernel_matches_its_dequantized_weights(float_dir, quant_ty
     ref = GPT2LMHeadModel.from_pretrained(float_dir)
     for name, m in quantized_modules(model).items():
         ref.get_submodule(name).weight.data = m.dequantize().float().t().contiguous()
-    with torch.no_grad():
-        for ids in (IDS[:, :1], IDS[:, :3]):
-            assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
     from gpt2kit import native
 
-    if native.library() is not None:
-        assert {m.last_kernel for m in quantized_modules(model).values()} == {"fused-lut4"}
+    lib = native.library()
+    with torch.no_grad():
+        # one row (the packed kernel on AVX-512), three (the row-at-a-time one), eight (the tiled one)
+        for ids, kernel in ((IDS[:, :1], lib and lib.lut4_one_row), (IDS[:, :3], "fused-lut4"),
+                            (IDS[:, :8], "fused-lut4-tiled")):
+            assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
+            if lib is not None:
+                assert {m.last_kernel for m in quantized_modules(model).values()} == {kernel}

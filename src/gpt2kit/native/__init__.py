@@ -121,6 +121,8 @@ def load(isa: str):
     lib.isa = isa
     # the one-row integer int4 kernel this build has (quantized.c), by the name the quantized modules report
     lib.int4_integer = ("fused-int4-vnni" if "avx512_vnni" in cpu_flags() else None) if isa == "avx512" else "fused-int4-avx2"
+    # and NF4 / FP4's one-row kernel: the packed one (codes read as dwords) is AVX-512's
+    lib.lut4_one_row = "fused-lut4-packed" if isa == "avx512" else "fused-lut4"
     return lib
 
 

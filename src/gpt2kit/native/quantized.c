@@ -117,6 +117,88 @@ static inline void lut4_rows4_m1(const float *xs, int64_t K, const uint8_t *w, c
         y[n + r] = vf_sum(vf_add(hi[r], lo[r])) + (bias ? bias[n + r] : 0.0f);
 }
 
+#ifdef GPT2KIT_AVX512
+/* NF4 / FP4 at one input row on AVX-512 (status 3, "fused-lut4-packed"): a row's codes are read 64 bytes (128
+ * weights) at a time as 16 dwords, and vpermps, which reads the low 4 bits of each dword, looks up the code at
+ * bits 4t .. 4t + 3 of every lane after one shift by 4t (t = 0..7): per 32 weights two lookups, about two shifts and
+ * two FMAs, where lut4_rows4_m1 widens 16 bytes to dwords first (vpmovzxbd, a second shuffle-port instruction per 16
+ * weights: the port these kernels are bound by; ~1.3x a thread on the Xeon). Lane i of shift t holds input
+ * 128c + 8i + PACKED_ORDER[t] of chunk c (a byte's first code is in its high nibble), so x is permuted once into that
+ * order (`pack_x`). The table is the bare code values and each chunk's sums are scaled by their blocks' absmax
+ * (lanes 8i .. 8i + 7 of a chunk lie in block (128c + 8i) / bs): sum_k code_k x_k absmax instead of
+ * sum_k (code_k absmax) x_k, the same float32 accuracy. */
+#define PACKED_CHUNK 128
+static const int PACKED_ORDER[8] = {1, 0, 3, 2, 5, 4, 7, 6};
+
+/* x (K), layer-normed first where ln_w is given -> chunks of 128: x8[128c + 16t + i] = x[128c + 8i + ORDER[t]],
+ * zero-padded to a whole chunk (a row's last 64 codes meet the padding's zeros past K) */
+static float *pack_x(const float *x, int64_t K, const float *ln_w, const float *ln_b, float eps) {
+    float *normed = NULL;
+    if (ln_w) {
+        normed = alloc_rows(1, K);
+        layer_norm_rows(x, 1, K, K, ln_w, ln_b, eps, normed);
+        x = normed;
+    }
+    const int64_t padded = (K + PACKED_CHUNK - 1) / PACKED_CHUNK * PACKED_CHUNK;
+    float *x8 = alloc_rows(1, padded);
+    const __m512i lane8 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(8));
+    for (int64_t c = 0; c < padded; c += PACKED_CHUNK)
+        for (int t = 0; t < 8; t++) {
+            const __m512i idx = _mm512_add_epi32(lane8, _mm512_set1_epi32((int)(c + PACKED_ORDER[t])));
+            const __mmask16 live = _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32((int)K));
+            _mm512_store_ps(x8 + c + 16 * t, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, x, 4));
+        }
+    free(normed);
+    return x8;
+}
+
+/* R (1..4) consecutive output rows from n; bs a power of 2, K % 64 == 0 */
+static inline __attribute__((always_inline)) void lut4_packed_rows_m1(const float *x8, int64_t K, const uint8_t *w,
+                                                                   const __m512 code, const float *scale, int64_t bs,
+                                                                   const float *bias, int64_t n, float *y, const int R) {
+    const int64_t half = K / 2, blocks = K / bs;
+    const int shift = __builtin_ctzll((unsigned long long)bs);
+    const __m512i gidx = _mm512_srli_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                                                                4, 3, 2, 1, 0), _mm512_set1_epi32(8)),
+                                           shift);  /* a lane's block, counted from the chunk's first */
+    __m512 tot[4];
+    for (int r = 0; r < R; r++) tot[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < half; j += PACKED_CHUNK / 2) {  /* 64 bytes a row */
+        for (int r = 0; r < R; r++)
+            _mm_prefetch((const char *)(w + (n + r + PREFETCH_GROUPS * 4) * half + j), _MM_HINT_T0);
+        const int64_t live = half - j < PACKED_CHUNK / 2 ? half - j : PACKED_CHUNK / 2;  /* 64, or the last 32 */
+        const __mmask64 bytes = live == 64 ? ~0ULL : (1ULL << live) - 1;
+        const int64_t g0 = (2 * j) >> shift, ng0 = (2 * live) >> shift, ng = ng0 ? ng0 : 1;
+        const float *xp = x8 + 2 * j;
+        for (int r = 0; r < R; r++) {
+            const __m512i v = _mm512_maskz_loadu_epi8(bytes, w + (n + r) * half + j);
+            __m512 a = _mm512_mul_ps(_mm512_permutexvar_ps(v, code), _mm512_load_ps(xp));
+            __m512 b = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code), _mm512_load_ps(xp + 16));
+            a = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), code), _mm512_load_ps(xp + 32), a);
+            b = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), code), _mm512_load_ps(xp + 48), b);
+            a = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), code), _mm512_load_ps(xp + 64), a);
+            b = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), code), _mm512_load_ps(xp + 80), b);
+            a = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), code), _mm512_load_ps(xp + 96), a);
+            b = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), code), _mm512_load_ps(xp + 112), b);
+            const __m512 sv = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps((__mmask16)((1u << ng) - 1),
+                                                                                 scale + (n + r) * blocks + g0));
+            tot[r] = _mm512_fmadd_ps(_mm512_add_ps(a, b), sv, tot[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[n + r] = _mm512_reduce_add_ps(tot[r]) + (bias ? bias[n + r] : 0.0f);
+}
+
+static void lut4_packed_m1(const float *x8, int64_t K, const uint8_t *w, int64_t N, const float *code,
+                           const float *scale, int64_t bs, const float *bias, float *y) {
+    const __m512 table = _mm512_loadu_ps(code);
+    const int64_t N4 = N / 4 * 4;
+    #pragma omp parallel for schedule(guided, 4)
+    for (int64_t n = 0; n < N4; n += 4) lut4_packed_rows_m1(x8, K, w, table, scale, bs, bias, n, y, 4);
+    for (int64_t n = N4; n < N; n++) lut4_packed_rows_m1(x8, K, w, table, scale, bs, bias, n, y, 1);
+}
+#endif
+
 /* The integer int4 kernels: AVX512-VNNI's (status 1) or AVX2's (status 2); the AVX-512 build of a CPU without VNNI
  * has none (the float kernel runs) */
 #if defined(GPT2KIT_AVX512) && defined(__AVX512VNNI__)
@@ -309,9 +391,120 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
 }
 #endif
 
+/* Two input rows and more (prefill chunks, batches): each thread takes TILE_N output rows at a time and walks their
+ * inputs in chunks of CHUNK_BYTES codes a row: it decodes the chunk into float32 once (its scratch, in L1), then
+ * multiplies every input row's matching inputs by it, TILE_M input rows x TILE_N output rows a pass (16 accumulators
+ * on AVX-512, 4 on AVX2's 16 registers), the partial sums kept in a small buffer between chunks. A decoded weight then
+ * serves all M rows (the row-at-a-time kernel, lut4_row, decoded it again for every four input rows: 16 rows of GPT-2
+ * XL's block products ran at ~50 GFLOP/s on 2 Xeon threads), and the chunk keeps both operands in L1 (whole decoded
+ * rows, 100 KB for 6400 inputs, left the product bound by L2 at ~75 GFLOP/s). The decoded values are those
+ * gpt2kit_lut4_dequant writes (code * scale + zero, float32): the product is float32's over the exact weights. */
+#ifdef GPT2KIT_AVX512
+#define TILE_M 4
+#define TILE_N 4
+#else
+#define TILE_M 2
+#define TILE_N 2
+#endif
+/* the fewest input rows the tiled kernel takes: below, lut4_row's re-decoding costs less than the tile's chunk
+ * bookkeeping (2 Xeon threads, GPT-2 XL's 1600 x 6400 and 6400 x 1600: tiled 0.64x / 0.72x / 0.90x the row kernel's
+ * speed at 2 / 4 / 6 rows of 1600 inputs, 1.14x / 1.48x at 8 / 16, 1.54x / 2.15x at 8 / 16 rows of 6400) */
+#define TILED_MIN_M 8
+#define CHUNK_BYTES 256  /* 512 inputs a row: TILE_N x 2 KB decoded, up to 16 x 2 KB of x */
+
+/* acc[m][r] += xs[m] . wt[r] over L floats (rows ldw, ldx apart); MM, RR compile-time, so the accumulators stay in
+ * registers */
+static inline __attribute__((always_inline)) void dot_tile(const float *xs, int64_t ldx, const float *wt, int64_t ldw,
+                                                           int64_t L, vf *acc, const int MM, const int RR) {
+    vf a[TILE_M][TILE_N];
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < RR; r++) a[m][r] = acc[m * TILE_N + r];
+    for (int64_t k = 0; k < L; k += 16) {
+        vf wv[TILE_N];
+        for (int r = 0; r < RR; r++) wv[r] = vf_loada(wt + r * ldw + k);
+        for (int m = 0; m < MM; m++) {
+            const vf xv = vf_load(xs + m * ldx + k);
+            for (int r = 0; r < RR; r++) a[m][r] = vf_fmadd(xv, wv[r], a[m][r]);
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < RR; r++) acc[m * TILE_N + r] = a[m][r];
+}
+
+/* dot_tile at run-time MM <= TILE_M, RR <= TILE_N (the edges of M and N) */
+static void dot_tile_any(const float *xs, int64_t ldx, const float *wt, int64_t ldw, int64_t L, vf *acc, int64_t MM,
+                         int64_t RR) {
+#define DT(a, b) case (a) * 8 + (b): dot_tile(xs, ldx, wt, ldw, L, acc, a, b); break;
+    switch (MM * 8 + RR) {
+        DT(1, 1) DT(1, 2) DT(2, 1) DT(2, 2)
+#if TILE_M == 4
+        DT(1, 3) DT(1, 4) DT(2, 3) DT(2, 4) DT(3, 1) DT(3, 2) DT(3, 3) DT(3, 4) DT(4, 1) DT(4, 2) DT(4, 3) DT(4, 4)
+#endif
+    }
+#undef DT
+}
+
+/* codes [j0, j1) of output row n (j0, j1 multiples of 16) decoded: their high nibbles (even inputs) to even, low
+ * nibbles (odd inputs) to odd */
+static inline void lut4_decode_span(const uint8_t *row, int64_t j0, int64_t j1, const vf table0, const float *scale,
+                                    const float *zero, int64_t bs, int64_t g0, float *even, float *odd) {
+    const int64_t bb = bs / 2;  /* codes a block */
+    for (int64_t j = j0, b = j0 / bb; j < j1; b++) {  /* one division a span: a 64-bit one a block cost more than
+                                                       * the block's lookups */
+        const int64_t end = (b + 1) * bb < j1 ? (b + 1) * bb : j1;
+        const vf table = zero ? vf_fmadd(table0, vf_set1(scale[g0 + b]), vf_set1(zero[g0 + b]))
+                              : vf_mul(table0, vf_set1(scale[g0 + b]));
+        for (; j < end; j += 16) {
+            const vi bytes = vi_u8(row + j);
+            vf_storea(even + j - j0, vf_lut16(vi_srl4(bytes), table));
+            vf_storea(odd + j - j0, vf_lut16(bytes, table));
+        }
+    }
+}
+
+static void lut4_tiled(const float *xs, int64_t M, int64_t K, const uint8_t *w, int64_t N, const vf table0,
+                       const float *scale, const float *zero, int64_t bs, const float *bias, float *y, int64_t ldy) {
+    const int64_t groups = (N + TILE_N - 1) / TILE_N, half = K / 2, blocks = K / bs;
+    #pragma omp parallel
+    {
+        float *wt = alloc_rows(2 * TILE_N, CHUNK_BYTES);  /* row r: even inputs at 2r, odd at 2r + 1 */
+        vf *acc = (vf *)aligned_alloc(64, ((size_t)(MAX_M * TILE_N) * sizeof(vf) + 63) / 64 * 64);
+        #pragma omp for schedule(dynamic, 2)
+        for (int64_t gi = 0; gi < groups; gi++) {
+            const int64_t n = gi * TILE_N, R = N - n < TILE_N ? N - n : TILE_N;
+            for (int64_t i = 0; i < M * TILE_N; i++) acc[i] = vf_zero();
+            for (int64_t j0 = 0; j0 < half; j0 += CHUNK_BYTES) {
+                const int64_t j1 = j0 + CHUNK_BYTES < half ? j0 + CHUNK_BYTES : half, L = j1 - j0;
+                for (int64_t r = 0; r < R; r++)  /* the rows' next chunk, in flight while this one is multiplied */
+                    for (int64_t l = 0; l < CHUNK_BYTES; l += 64)
+                        _mm_prefetch((const char *)(w + (n + r) * half + j0 + CHUNK_BYTES + l), _MM_HINT_T0);
+                for (int64_t r = 0; r < R; r++)
+                    lut4_decode_span(w + (n + r) * half, j0, j1, table0, scale, zero, bs, (n + r) * blocks,
+                                     wt + 2 * r * CHUNK_BYTES, wt + (2 * r + 1) * CHUNK_BYTES);
+                for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+                    const int64_t MM = M - m0 < TILE_M ? M - m0 : TILE_M;
+                    vf *a = acc + m0 * TILE_N;
+                    if (MM == TILE_M && R == TILE_N) {
+                        dot_tile(xs + m0 * K + j0, K, wt, 2 * CHUNK_BYTES, L, a, TILE_M, TILE_N);
+                        dot_tile(xs + m0 * K + half + j0, K, wt + CHUNK_BYTES, 2 * CHUNK_BYTES, L, a, TILE_M, TILE_N);
+                    } else {
+                        dot_tile_any(xs + m0 * K + j0, K, wt, 2 * CHUNK_BYTES, L, a, MM, R);
+                        dot_tile_any(xs + m0 * K + half + j0, K, wt + CHUNK_BYTES, 2 * CHUNK_BYTES, L, a, MM, R);
+                    }
+                }
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t r = 0; r < R; r++)
+                    y[m * ldy + n + r] = vf_sum(acc[m * TILE_N + r]) + (bias ? bias[n + r] : 0.0f);
+        }
+        free(acc);
+        free(wt);
+    }
+}
+
 /* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's.
- * Returns 1 or 2 where an integer int4 kernel ran (AVX512-VNNI's, AVX2's), 0 the float one, -1 for arguments it
- * refuses. */
+ * Returns which kernel ran: 1 or 2 an integer int4 one (AVX512-VNNI's, AVX2's), 3 the packed NF4 / FP4 one-row
+ * kernel, 4 the tiled one (TILED_MIN_M rows and more), 0 the row-at-a-time float one; -1 for arguments it refuses. */
 int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
                     const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
                     float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w, const float *ln_b,
@@ -332,6 +525,15 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
         }
     }
 #endif
+#ifdef GPT2KIT_AVX512
+    if (M == 1 && !zero && (bs & (bs - 1)) == 0) {  /* NF4 / FP4 */
+        float *x8 = pack_x(x, K, ln_w, ln_b, eps);
+        lut4_packed_m1(x8, K, w, N, code, scale, bs, bias, y);
+        free(x8);
+        epilogue(y, M, N, ldy, act, residual);
+        return 3;
+    }
+#endif
     float *xs = deinterleave(x, M, K, ldx, ln_w, ln_b, eps);
     const vf table0 = vf_load(code);
     const int64_t blocks = K / bs, half = K / 2;
@@ -344,6 +546,12 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
         free(xs);
         epilogue(y, M, N, ldy, act, residual);
         return 0;
+    }
+    if (M >= TILED_MIN_M) {
+        lut4_tiled(xs, M, K, w, N, table0, scale, zero, bs, bias, y, ldy);
+        free(xs);
+        epilogue(y, M, N, ldy, act, residual);
+        return 4;
     }
     #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; n++) {

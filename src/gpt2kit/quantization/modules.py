@@ -35,6 +35,10 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run (native/quantized.c M
 # 16 (29.9 against 49.0 ms at 16); avx2 (PyTorch, oneDNN, MKL held to AVX2 too) 26.8 / 37.2 / 41.2 / 65.6 ms at 8 /
 # 10 / 12 / 16 rows against 39.4 / 41.0 / 42.4 / 46.9: its lookup costs four instructions per eight weights
 LUT4_MAX_ROWS = {"avx512": 16, "avx2": 12}
+# gpt2kit_lut4_mm's kernels by the status it returns (native/quantized.c): the row-at-a-time float lookup, the integer
+# int4 ones (AVX512-VNNI, AVX2), NF4 / FP4's one-row kernel on codes read as dwords (AVX-512), the tiled one (8 rows
+# and more)
+LUT4_NAMES = ("fused-lut4", "fused-int4-vnni", "fused-int4-avx2", "fused-lut4-packed", "fused-lut4-tiled")
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
@@ -293,7 +297,7 @@ class Linear4bit(QuantizedProjection):
     def _kernel_spec(self, lib, bias):
         b = self._buffers
         return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["quant_map"], b["absmax"], 0, self.blocksize, bias),
-                ("fused-lut4",))
+                LUT4_NAMES)
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
@@ -367,7 +371,7 @@ class LinearInt4(QuantizedProjection):
         b = self._buffers
         # status 1 / 2: at one row, integer dot products over x split into three 7-bit pieces (AVX512-VNNI / AVX2)
         return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["code"], b["scales"], b["zeros"], self.group_size,
-                                      bias), ("fused-lut4", "fused-int4-vnni", "fused-int4-avx2"))
+                                      bias), LUT4_NAMES)
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
