@@ -462,40 +462,65 @@ static inline void lut4_decode_span(const uint8_t *row, int64_t j0, int64_t j1, 
     }
 }
 
-static void lut4_tiled(const float *xs, int64_t M, int64_t K, const uint8_t *w, int64_t N, const vf table0,
-                       const float *scale, const float *zero, int64_t bs, const float *bias, float *y, int64_t ldy) {
-    const int64_t groups = (N + TILE_N - 1) / TILE_N, half = K / 2, blocks = K / bs;
+/* What a tiled product decodes: 4-bit codes (x deinterleaved: a chunk is two spans of x, the even and the odd inputs)
+ * or int8 values (a chunk is one span; each output row's sum is scaled by row_scale afterwards, as int8_row does) */
+typedef struct {
+    const uint8_t *codes;  /* 4-bit: rows of K / 2 bytes, with table0, scale, zero, bs as gpt2kit_lut4_mm takes them */
+    vf table0;
+    const float *scale, *zero;
+    int64_t bs;
+    const int8_t *int8;    /* int8: rows of K values */
+    const float *row_scale;
+} tiled_source;
+
+/* chunk c of output row n (its inputs' positions [j0, j1) in the spans) decoded into dst (4-bit: even inputs at dst,
+ * odd at dst + CHUNK_BYTES; int8: at dst) */
+static inline void tiled_decode(const tiled_source *src, int64_t K, int64_t n, int64_t j0, int64_t j1, float *dst) {
+    if (src->codes) {
+        lut4_decode_span(src->codes + n * (K / 2), j0, j1, src->table0, src->scale, src->zero, src->bs,
+                         n * (K / src->bs), dst, dst + CHUNK_BYTES);
+        return;
+    }
+    const int8_t *row = src->int8 + n * K;
+    for (int64_t k = j0; k < j1; k += 16) vf_storea(dst + k - j0, vf_i8(row + k));
+}
+
+static void tiled_product(const tiled_source *src, const float *x, int64_t ldx, int64_t M, int64_t K, int64_t N,
+                          const float *bias, float *y, int64_t ldy) {
+    const int four = src->codes != NULL;
+    const int64_t groups = (N + TILE_N - 1) / TILE_N;
+    const int64_t span = four ? K / 2 : K, step = four ? CHUNK_BYTES : 2 * CHUNK_BYTES;  /* positions a chunk */
+    const int64_t row_bytes = four ? K / 2 : K;
+    const uint8_t *base = four ? src->codes : (const uint8_t *)src->int8;
     #pragma omp parallel
     {
-        float *wt = alloc_rows(2 * TILE_N, CHUNK_BYTES);  /* row r: even inputs at 2r, odd at 2r + 1 */
+        float *wt = alloc_rows(2 * TILE_N, CHUNK_BYTES);  /* row r: 2 * CHUNK_BYTES floats from 2r * CHUNK_BYTES */
         vf *acc = (vf *)aligned_alloc(64, ((size_t)(MAX_M * TILE_N) * sizeof(vf) + 63) / 64 * 64);
         #pragma omp for schedule(dynamic, 2)
         for (int64_t gi = 0; gi < groups; gi++) {
             const int64_t n = gi * TILE_N, R = N - n < TILE_N ? N - n : TILE_N;
             for (int64_t i = 0; i < M * TILE_N; i++) acc[i] = vf_zero();
-            for (int64_t j0 = 0; j0 < half; j0 += CHUNK_BYTES) {
-                const int64_t j1 = j0 + CHUNK_BYTES < half ? j0 + CHUNK_BYTES : half, L = j1 - j0;
+            for (int64_t j0 = 0; j0 < span; j0 += step) {
+                const int64_t j1 = j0 + step < span ? j0 + step : span, L = j1 - j0;
                 for (int64_t r = 0; r < R; r++)  /* the rows' next chunk, in flight while this one is multiplied */
-                    for (int64_t l = 0; l < CHUNK_BYTES; l += 64)
-                        _mm_prefetch((const char *)(w + (n + r) * half + j0 + CHUNK_BYTES + l), _MM_HINT_T0);
-                for (int64_t r = 0; r < R; r++)
-                    lut4_decode_span(w + (n + r) * half, j0, j1, table0, scale, zero, bs, (n + r) * blocks,
-                                     wt + 2 * r * CHUNK_BYTES, wt + (2 * r + 1) * CHUNK_BYTES);
+                    for (int64_t l = 0; l < step; l += 64)  /* step: a chunk's bytes (4-bit: positions a byte) */
+                        _mm_prefetch((const char *)(base + (n + r) * row_bytes + j0 + step + l), _MM_HINT_T0);
+                for (int64_t r = 0; r < R; r++) tiled_decode(src, K, n + r, j0, j1, wt + 2 * r * CHUNK_BYTES);
                 for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
                     const int64_t MM = M - m0 < TILE_M ? M - m0 : TILE_M;
                     vf *a = acc + m0 * TILE_N;
-                    if (MM == TILE_M && R == TILE_N) {
-                        dot_tile(xs + m0 * K + j0, K, wt, 2 * CHUNK_BYTES, L, a, TILE_M, TILE_N);
-                        dot_tile(xs + m0 * K + half + j0, K, wt + CHUNK_BYTES, 2 * CHUNK_BYTES, L, a, TILE_M, TILE_N);
-                    } else {
-                        dot_tile_any(xs + m0 * K + j0, K, wt, 2 * CHUNK_BYTES, L, a, MM, R);
-                        dot_tile_any(xs + m0 * K + half + j0, K, wt + CHUNK_BYTES, 2 * CHUNK_BYTES, L, a, MM, R);
+                    for (int part = 0; part < (four ? 2 : 1); part++) {  /* 4-bit: the even inputs, then the odd */
+                        const float *xm = x + m0 * ldx + (part ? K / 2 : 0) + j0, *wp = wt + part * CHUNK_BYTES;
+                        if (MM == TILE_M && R == TILE_N) dot_tile(xm, ldx, wp, 2 * CHUNK_BYTES, L, a, TILE_M, TILE_N);
+                        else dot_tile_any(xm, ldx, wp, 2 * CHUNK_BYTES, L, a, MM, R);
                     }
                 }
             }
             for (int64_t m = 0; m < M; m++)
-                for (int64_t r = 0; r < R; r++)
-                    y[m * ldy + n + r] = vf_sum(acc[m * TILE_N + r]) + (bias ? bias[n + r] : 0.0f);
+                for (int64_t r = 0; r < R; r++) {
+                    const float sum = vf_sum(acc[m * TILE_N + r]);
+                    y[m * ldy + n + r] = (src->row_scale ? sum * src->row_scale[n + r] : sum) + (bias ? bias[n + r] : 0.0f);
+                }
         }
         free(acc);
         free(wt);
@@ -548,7 +573,8 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
         return 0;
     }
     if (M >= TILED_MIN_M) {
-        lut4_tiled(xs, M, K, w, N, table0, scale, zero, bs, bias, y, ldy);
+        const tiled_source src = {.codes = w, .table0 = table0, .scale = scale, .zero = zero, .bs = bs};
+        tiled_product(&src, xs, K, M, K, N, bias, y, ldy);
         free(xs);
         epilogue(y, M, N, ldy, act, residual);
         return 4;
@@ -644,7 +670,8 @@ static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, con
     y[n + 3] = vf_sum(a3) * scale[n + 3] + (bias ? bias[n + 3] : 0.0f);
 }
 
-/* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's */
+/* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's. Returns 1 where
+ * the tiled kernel ran (TILED_MIN_M rows and more), 0 the row kernels, -1 for arguments it refuses. */
 int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, int64_t N,
                     const float *scale, const float *bias, float *y, int64_t ldy, int64_t act, const float *residual,
                     const float *ln_w, const float *ln_b, float eps) {
@@ -663,6 +690,13 @@ int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int
         free(normed);
         epilogue(y, M, N, ldy, act, residual);
         return 0;
+    }
+    if (M >= TILED_MIN_M) {
+        const tiled_source src = {.int8 = w, .row_scale = scale};
+        tiled_product(&src, x, ldx, M, K, N, bias, y, ldy);
+        free(normed);
+        epilogue(y, M, N, ldy, act, residual);
+        return 1;
     }
     #pragma omp parallel for schedule(dynamic, 16)
     for (int64_t n = 0; n < N; n++) {

@@ -423,7 +423,7 @@ class Linear8bit(QuantizedProjection):
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
-        return lib.gpt2kit_int8_mm, (b["weight"], self.out_features, b["scale"], bias), ("fused-int8",)
+        return lib.gpt2kit_int8_mm, (b["weight"], self.out_features, b["scale"], bias), ("fused-int8", "fused-int8-tiled")
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
