@@ -6,7 +6,9 @@
  * every block of `bs` consecutive inputs has its own 16-entry table, table[c] = code[c] * scale + zero:
  * NF4/FP4 pass their code values with scale = the block's absmax, zero = 0; affine int4 passes code = c - 8
  * with its group's scale and zero. The table lives in one AVX-512 register and one vpermps looks up 16
- * codes at a time (on AVX2, two vpermps and a blend look up 8).
+ * codes at a time (on AVX2, two vpermps and a blend look up 8). Kernels by rows: one row, four output rows at a
+ * time (NF4 / FP4 on AVX-512: codes read as dwords, lut4_packed_rows_m1; affine int4: the integer kernels); 2-7
+ * rows, row at a time (lut4_row); 8 and more, tiled (tiled_product, for int8 too).
  * int8: rows of K int8 values and one scale per row.
  *
  * Rows are handed out 16 at a time (dynamic schedule; guided for batch 1, whose long runs of consecutive

@@ -5,7 +5,7 @@ Each holds one matrix in its stored format (formats.py) and picks its kernel by 
 on this CPU (README-quantization.md):
 - up to SMALL_BATCH rows (decode, small batches; 4-bit in the AVX2 build: LUT4_MAX_ROWS): the fused kernels of
   native/quantized.c, which decode the weights in registers and read them once (0.5 byte a weight for 4-bit, 1 for
-  int8);
+  int8); from 8 rows on tiled: a chunk of weights decoded into float32 once and multiplied by every row;
 - more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
   product is bound by arithmetic, not by reading the weights;
 - without the native library (no compiler / neither AVX2 nor AVX-512) or off the CPU: PyTorch ops (the packed int8
