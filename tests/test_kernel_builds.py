@@ -39,7 +39,7 @@ def test_each_build_names_itself_and_its_integer_int4_kernel():
 
 @pytest.mark.usefixtures("native_build")
 def test_4bit_products_switch_to_blas_past_the_builds_row_limit():
-    """The fused 4-bit lookup kernel (tiled at that many rows) runs up to LUT4_MAX_ROWS[build] rows (16 under AVX-512, 12 under AVX2, where
+    """The fused 4-bit lookup kernel (tiled at that many rows) runs up to LUT4_MAX_ROWS[build] rows (48 under AVX-512, 24 under AVX2, where
     the lookup costs more: measured in quantization/modules.py), decoding into float32 and BLAS past it; both
     match the dequantized weights."""
     import torch

@@ -33,7 +33,7 @@ def _kernel(rows):
 # tile chunk; 10 / 13 / 7 output rows leave 2 / 1 / 3 past the groups of four
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", [(64, 1600, 64), (10, 320, 64), (13, 320, 32), (7, 768, 128), (12, 1024, 256)])
-@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16, 33])
 def test_kernel_matches_the_float64_product(quant_type, shape, rows):
     N, K, bs = shape
     m, g = _module(N, K, quant_type, bs, seed=N + K + bs)

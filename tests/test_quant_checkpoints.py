@@ -150,7 +150,8 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
     one_row = (lib.int4_integer if lib is not None else None) or "fused-lut4"  # the kernel this build has
     expected = [one_row, "fused-lut4", "dequantize+mm"] if native.library() is not None else None
     with torch.no_grad():
-        for i, ids in enumerate((IDS[:, :1], IDS[:, :3], IDS.repeat(2, 2))):  # 1 row; <= 16 rows; the prefill (48)
+        for i, ids in enumerate((IDS[:, :1], IDS[:, :3], IDS.repeat(2, 5))):  # 1 row; 3 rows; a prefill (120 rows,
+            # past every build's fused row limit, LUT4_MAX_ROWS)
             assert (model(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
             if expected:
                 assert {m.last_kernel for m in quantized_modules(model).values()} == {expected[i]}

@@ -412,6 +412,7 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
  * bookkeeping (2 Xeon threads, GPT-2 XL's 1600 x 6400 and 6400 x 1600: tiled 0.64x / 0.72x / 0.90x the row kernel's
  * speed at 2 / 4 / 6 rows of 1600 inputs, 1.14x / 1.48x at 8 / 16, 1.54x / 2.15x at 8 / 16 rows of 6400) */
 #define TILED_MIN_M 8
+#define TILED_MAX_M 256  /* and the most it takes (the callers choose how many they pass: quantization/modules.py) */
 #define CHUNK_BYTES 256  /* 512 inputs a row: TILE_N x 2 KB decoded, up to 16 x 2 KB of x */
 
 /* acc[m][r] += xs[m] . wt[r] over L floats (rows ldw, ldx apart); MM, RR compile-time, so the accumulators stay in
@@ -497,7 +498,7 @@ static void tiled_product(const tiled_source *src, const float *x, int64_t ldx, 
     #pragma omp parallel
     {
         float *wt = alloc_rows(2 * TILE_N, CHUNK_BYTES);  /* row r: 2 * CHUNK_BYTES floats from 2r * CHUNK_BYTES */
-        vf *acc = (vf *)aligned_alloc(64, ((size_t)(MAX_M * TILE_N) * sizeof(vf) + 63) / 64 * 64);
+        vf *acc = (vf *)aligned_alloc(64, ((size_t)(M * TILE_N) * sizeof(vf) + 63) / 64 * 64);
         #pragma omp for schedule(dynamic, 2)
         for (int64_t gi = 0; gi < groups; gi++) {
             const int64_t n = gi * TILE_N, R = N - n < TILE_N ? N - n : TILE_N;
@@ -536,7 +537,7 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
                     const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
                     float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w, const float *ln_b,
                     float eps) {
-    if (M < 1 || M > MAX_M || K % bs || bs % 32 || N < 1) return -1;
+    if (M < 1 || M > TILED_MAX_M || K % bs || bs % 32 || N < 1) return -1;
 #ifdef INT4_INTEGER
     if (M == 1 && zero && (bs & (bs - 1)) == 0 && vnni_allowed()) {  /* affine int4 (integer codes), bs a power of 2 */
         float *normed = NULL;
@@ -677,7 +678,7 @@ static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, con
 int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, int64_t N,
                     const float *scale, const float *bias, float *y, int64_t ldy, int64_t act, const float *residual,
                     const float *ln_w, const float *ln_b, float eps) {
-    if (M < 1 || M > MAX_M || K % 32 || N < 1) return -1;
+    if (M < 1 || M > TILED_MAX_M || K % 32 || N < 1) return -1;
     float *normed = NULL;
     if (ln_w) {
         normed = alloc_rows(M, K);

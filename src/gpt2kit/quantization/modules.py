@@ -3,7 +3,7 @@
 
 Each holds one matrix in its stored format (formats.py) and picks its kernel by batch size, as measured
 on this CPU (README-quantization.md):
-- up to SMALL_BATCH rows (decode, small batches; 4-bit in the AVX2 build: LUT4_MAX_ROWS): the fused kernels of
+- up to LUT4_MAX_ROWS / INT8_MAX_ROWS rows by kernel build (decode, small batches, short prefills): the fused kernels of
   native/quantized.c, which decode the weights in registers and read them once (0.5 byte a weight for 4-bit, 1 for
   int8); from 8 rows on tiled: a chunk of weights decoded into float32 once and multiplied by every row;
 - more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
@@ -29,12 +29,15 @@ from ..model.linear import TANH_GELUS, apply_activation, in_decode
 
 logger = logging.getLogger("gpt2kit.quantization")
 
-SMALL_BATCH = 16  # rows up to which the fused kernels run (native/quantized.c MAX_M)
-# 4-bit: rows up to which the fused lookup kernel beats decoding into float32 and BLAS, by kernel build. Measured
-# (GPT-2 XL's four block shapes x 2, LinearInt4 g32, 2 Xeon threads): avx512 fused faster at every row count up to
-# 16 (29.9 against 49.0 ms at 16); avx2 (PyTorch, oneDNN, MKL held to AVX2 too) 26.8 / 37.2 / 41.2 / 65.6 ms at 8 /
-# 10 / 12 / 16 rows against 39.4 / 41.0 / 42.4 / 46.9: its lookup costs four instructions per eight weights
-LUT4_MAX_ROWS = {"avx512": 16, "avx2": 12}
+SMALL_BATCH = 16  # rows up to which the fused kernels run where a module names no limits of its own
+# Rows up to which the fused kernels (tiled from 8 rows, native/quantized.c TILED_MIN_M; at most TILED_MAX_M = 256)
+# beat decoding into float32 and BLAS (4-bit) or PyTorch's _weight_int8pack_mm (int8), by kernel build. Measured on
+# GPT-2 small's and XL's four block shapes (2 Xeon threads, alternating in one process): 4-bit avx512 tiled 1.95-2.01x
+# at 24 rows, 1.49-1.61x at 48, 0.96x / 1.32x at 64, 0.77-0.84x at 128; avx2 (BLAS not held to AVX2: conservative)
+# 1.01x / 1.25x at 24, 0.95x / 1.19x at 32, 0.79x at 48; int8 avx512 1.73-1.78x at 24, 1.36-1.48x at 64, 1.03-1.13x
+# at 128, 1.10x at 256; avx2 0.87x at 24. Before the tiled kernel: 4-bit 16 (avx512) and 12 (avx2), int8 16.
+LUT4_MAX_ROWS = {"avx512": 48, "avx2": 24}
+INT8_MAX_ROWS = {"avx512": 256, "avx2": 16}
 # gpt2kit_lut4_mm's kernels by the status it returns (native/quantized.c): the row-at-a-time float lookup, the integer
 # int4 ones (AVX512-VNNI, AVX2), NF4 / FP4's one-row kernel on codes read as dwords (AVX-512), the tiled one (8 rows
 # and more)
@@ -399,6 +402,8 @@ class Linear8bit(QuantizedProjection):
     Weight-only: activations stay in float32 (bfloat16 on the large-batch path), so every input column is
     computed at high precision, not only those above llm_int8_threshold, which bitsandbytes splits out
     because it also quantizes activations to int8."""
+
+    _row_limits = INT8_MAX_ROWS
 
     mode = "int8"
 
