@@ -161,7 +161,7 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
 
 
 @pytest.mark.usefixtures("native_build")
-@pytest.mark.parametrize("out_features", [12, 10])  # four rows at a time, and two left over
+@pytest.mark.parametrize("out_features", [12, 10])  # whole tiles of output rows, and a part of one left over
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])  # decode's one-input-row kernel, the general one, the tiled one
 def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
     from gpt2kit import native

@@ -395,25 +395,30 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
 
 /* Two input rows and more (prefill chunks, batches): each thread takes TILE_N output rows at a time and walks their
  * inputs in chunks of CHUNK_BYTES codes a row: it decodes the chunk into float32 once (its scratch, in L1), then
- * multiplies every input row's matching inputs by it, TILE_M input rows x TILE_N output rows a pass (16 accumulators
+ * multiplies every input row's matching inputs by it, TILE_M input rows x TILE_N output rows a pass (24 accumulators
  * on AVX-512, 4 on AVX2's 16 registers), the partial sums kept in a small buffer between chunks. A decoded weight then
  * serves all M rows (the row-at-a-time kernel, lut4_row, decoded it again for every four input rows: 16 rows of GPT-2
- * XL's block products ran at ~50 GFLOP/s on 2 Xeon threads), and the chunk keeps both operands in L1 (whole decoded
- * rows, 100 KB for 6400 inputs, left the product bound by L2 at ~75 GFLOP/s). The decoded values are those
+ * XL's block products ran at ~50 GFLOP/s on 2 Xeon threads), and the chunk keeps the decoded weights in L1 (whole
+ * decoded rows, 100 KB for 6400 inputs, left the product bound by L2 at ~75 GFLOP/s). The decoded values are those
  * gpt2kit_lut4_dequant writes (code * scale + zero, float32): the product is float32's over the exact weights. */
+/* Tile and chunk by build, measured in a C harness on 2 Xeon threads, 8-48 rows of GPT-2 XL's products, each variant's
+ * best of 6 interleaved runs: 4 x 6 tiles with 512-code chunks took 0.85-0.95x the time of 4 x 4 with 256 (24
+ * accumulators, each x load feeding 6 FMAs; a 4 x 6 tile alone ran 103-122 GFLOP/s in L1 against 78-105 for 4 x 4) */
 #ifdef GPT2KIT_AVX512
 #define TILE_M 4
-#define TILE_N 4
+#define TILE_N 6
+#define CHUNK_BYTES 512  /* 1024 inputs a row: TILE_N x 4 KB decoded (24 KB of L1); x streams from L2 */
 #else
 #define TILE_M 2
 #define TILE_N 2
+#define CHUNK_BYTES 256  /* 512 inputs a row: TILE_N x 2 KB decoded */
 #endif
+#define INT8_CHUNK 512  /* int8 inputs a chunk, either build (1024 ran 0.95x at 16-24 rows, 4 x 6 tiles) */
 /* the fewest input rows the tiled kernel takes: below, lut4_row's re-decoding costs less than the tile's chunk
  * bookkeeping (2 Xeon threads, GPT-2 XL's 1600 x 6400 and 6400 x 1600: tiled 0.64x / 0.72x / 0.90x the row kernel's
  * speed at 2 / 4 / 6 rows of 1600 inputs, 1.14x / 1.48x at 8 / 16, 1.54x / 2.15x at 8 / 16 rows of 6400) */
 #define TILED_MIN_M 8
 #define TILED_MAX_M 256  /* and the most it takes (the callers choose how many they pass: quantization/modules.py) */
-#define CHUNK_BYTES 256  /* 512 inputs a row: TILE_N x 2 KB decoded, up to 16 x 2 KB of x */
 
 /* acc[m][r] += xs[m] . wt[r] over L floats (rows ldw, ldx apart); MM, RR compile-time, so the accumulators stay in
  * registers */
@@ -437,13 +442,12 @@ static inline __attribute__((always_inline)) void dot_tile(const float *xs, int6
 /* dot_tile at run-time MM <= TILE_M, RR <= TILE_N (the edges of M and N) */
 static void dot_tile_any(const float *xs, int64_t ldx, const float *wt, int64_t ldw, int64_t L, vf *acc, int64_t MM,
                          int64_t RR) {
-#define DT(a, b) case (a) * 8 + (b): dot_tile(xs, ldx, wt, ldw, L, acc, a, b); break;
+#define DT(a, b) case (a) * 8 + (b): if ((a) <= TILE_M && (b) <= TILE_N) dot_tile(xs, ldx, wt, ldw, L, acc, a, b); break;
+#define DT6(a) DT(a, 1) DT(a, 2) DT(a, 3) DT(a, 4) DT(a, 5) DT(a, 6)
     switch (MM * 8 + RR) {
-        DT(1, 1) DT(1, 2) DT(2, 1) DT(2, 2)
-#if TILE_M == 4
-        DT(1, 3) DT(1, 4) DT(2, 3) DT(2, 4) DT(3, 1) DT(3, 2) DT(3, 3) DT(3, 4) DT(4, 1) DT(4, 2) DT(4, 3) DT(4, 4)
-#endif
+        DT6(1) DT6(2) DT6(3) DT6(4) DT6(5) DT6(6)
     }
+#undef DT6
 #undef DT
 }
 
@@ -492,7 +496,7 @@ static void tiled_product(const tiled_source *src, const float *x, int64_t ldx, 
                           const float *bias, float *y, int64_t ldy) {
     const int four = src->codes != NULL;
     const int64_t groups = (N + TILE_N - 1) / TILE_N;
-    const int64_t span = four ? K / 2 : K, step = four ? CHUNK_BYTES : 2 * CHUNK_BYTES;  /* positions a chunk */
+    const int64_t span = four ? K / 2 : K, step = four ? CHUNK_BYTES : INT8_CHUNK;  /* positions a chunk */
     const int64_t row_bytes = four ? K / 2 : K;
     const uint8_t *base = four ? src->codes : (const uint8_t *)src->int8;
     #pragma omp parallel
