@@ -38,22 +38,30 @@ def test_each_build_names_itself_and_its_integer_int4_kernel():
 
 
 @pytest.mark.usefixtures("native_build")
-def test_4bit_products_switch_to_blas_past_the_builds_row_limit():
-    """The fused 4-bit lookup kernel (tiled at that many rows) runs up to LUT4_MAX_ROWS[build] rows (48 under AVX-512, 24 under AVX2, where
-    the lookup costs more: measured in quantization/modules.py), decoding into float32 and BLAS past it; both
-    match the dequantized weights."""
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_4bit_products_switch_to_blas_past_the_builds_row_limit(fmt):
+    """The fused 4-bit lookup kernel (tiled at that many rows) runs up to the build's row limit (affine int4:
+    INT4_MAX_ROWS, 48 under AVX-512, 24 under AVX2, where the lookup costs more; NF4 / FP4: LUT4_MAX_ROWS, the same,
+    or 256 where the AMX kernel runs: measured in quantization/modules.py), decoding into float32 and BLAS past it;
+    both match the dequantized weights."""
     import torch
 
-    from gpt2kit.quantization.modules import LUT4_MAX_ROWS, LinearInt4
+    from gpt2kit.quantization import formats as Q
+    from gpt2kit.quantization.modules import INT4_MAX_ROWS, LUT4_MAX_ROWS, Linear4bit, LinearInt4
 
     lib = native.library()
     if lib is None:
         pytest.skip("no build of the kernels here")
     g = torch.Generator().manual_seed(0)
-    m = LinearInt4(torch.randn(48, 256, generator=g) * 0.02, torch.randn(48, generator=g) * 0.01, 32)
-    limit = LUT4_MAX_ROWS[lib.isa]
+    w, b = torch.randn(48, 256, generator=g) * 0.02, torch.randn(48, generator=g) * 0.01
+    if fmt == "int4":
+        m, limit, fused = LinearInt4(w, b, 32), INT4_MAX_ROWS[lib.isa], "fused-lut4-tiled"
+    else:
+        m = Linear4bit(Q.quantize_4bit(w, "nf4", 64), b)
+        limit = LUT4_MAX_ROWS[lib.isa + "-amx" if lib.amx else lib.isa]
+        fused = "fused-lut4-amx" if lib.amx else "fused-lut4-tiled"
     with torch.inference_mode():
-        for rows, kernel in ((limit, "fused-lut4-tiled"), (limit + 1, "dequantize+mm")):
+        for rows, kernel in ((limit, fused), (limit + 1, "dequantize+mm")):
             x = torch.randn(rows, 256, generator=g)
             y = m(x)
             assert m.last_kernel == kernel, (rows, m.last_kernel)

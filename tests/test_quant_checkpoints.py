@@ -161,22 +161,29 @@ def test_torchao_int4_matches_its_dequantized_weights(float_dir, tmp_path, group
 
 
 @pytest.mark.usefixtures("native_build")
-@pytest.mark.parametrize("out_features", [12, 10])  # whole tiles of output rows, and a part of one left over
-@pytest.mark.parametrize("rows", [1, 3, 8, 11])  # decode's one-input-row kernel, the general one, the tiled one
+# whole tiles of output rows, a part of one left over; 32: AMX's whole 16-row tiles (where the CPU has AMX)
+@pytest.mark.parametrize("out_features", [12, 10, 32])
+# decode's one-input-row kernel, the general one, the tiled one, and AMX's (16 rows and more, where it runs)
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 40])
 def test_int8_kernel_matches_its_dequantized_weights(out_features, rows):
     from gpt2kit import native
 
     g = torch.Generator().manual_seed(out_features + rows)
-    K = 64 if rows < 8 else 1056  # the tiled kernel's chunks of 512 inputs, and a partial last one
+    # the tiled kernel's chunks of 512 inputs and a partial last one; AMX's blocks of 64
+    K = 64 if rows < 8 else 1088 if out_features == 32 else 1056
     cb = torch.randint(-127, 128, (out_features, K), generator=g, dtype=torch.int8)
     scb = torch.rand(out_features, generator=g) + 0.5
     bias = torch.randn(out_features, generator=g)
     m = Linear8bit(cb, scb, bias)
+    lib = native.library()
+    if lib is not None and rows > m._max_rows(lib):
+        pytest.skip(f"{rows} rows are past this build's fused row limit (INT8_MAX_ROWS[{lib.isa!r}])")
     x = torch.randn(1, rows, K, generator=g)
     want = x.double() @ m.dequantize().double().t() + bias.double()
     assert (m(x).double() - want).abs().max().item() < 2e-6 * want.abs().max().item()
-    if native.library() is not None:  # the fused kernel is built (AVX2 or AVX-512, a C compiler)
-        assert m.last_kernel == ("fused-int8" if rows < 8 else "fused-int8-tiled")
+    if lib is not None:  # the fused kernel is built (AVX2 or AVX-512, a C compiler)
+        amx = lib.amx and rows >= lib.amx["int8"] and out_features % 16 == 0 and K % 64 == 0
+        assert m.last_kernel == ("fused-int8" if rows < 8 else "fused-int8-amx" if amx else "fused-int8-tiled")
 
 
 @pytest.mark.usefixtures("native_build")

@@ -90,8 +90,8 @@ def test_every_path_runs_the_quantized_modules(gpt2_small_shaped, qconfig):
             assert (x - y).abs().max().item() < tol
     kernels |= {m.last_kernel for m in quantized_modules(model).values()}
     if native.library() is not None:  # AVX2 or AVX-512 and a C compiler: the fused kernels (and BLAS past 16 rows)
-        fused = {"fused-lut4", "fused-lut4-packed", "fused-lut4-tiled", "fused-int4-vnni", "fused-int4-avx2", "fused-int8",
-                 "fused-int8-tiled"}
+        fused = {"fused-lut4", "fused-lut4-packed", "fused-lut4-tiled", "fused-lut4-amx", "fused-int4-vnni",
+                 "fused-int4-avx2", "fused-int8", "fused-int8-tiled", "fused-int8-amx"}
         assert kernels <= fused | {"dequantize+mm"} and kernels & fused
     else:  # else PyTorch's packed int8/int4 kernels, and NF4/FP4 dequantized per product (see modules.py)
         assert kernels <= {"aten-int8pack", "aten-int4pack", "dequantize+mm"} and kernels

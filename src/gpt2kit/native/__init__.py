@@ -33,7 +33,7 @@ from ..errors import InvalidInputError
 logger = logging.getLogger("gpt2kit.native")
 
 SOURCES = [os.path.join(os.path.dirname(__file__), name) for name in ("quantized.c", "dense.c", "attention.c")]
-HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("simd.h", "vecmath.h", "rows.h")]  # part of the source hash
+HEADERS = [os.path.join(os.path.dirname(__file__), name) for name in ("simd.h", "vecmath.h", "rows.h", "amx.h")]  # part of the source hash
 
 
 def _cache_dir() -> str:
@@ -115,7 +115,8 @@ def load(isa: str):
     lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
                                              i64]
     lib.gpt2kit_head_argmax.argtypes = [p, i64, i64, i64, p, p, i64, p, f32, i64, p, i64, p, p]
-    for fn in (lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
+    lib.gpt2kit_amx_min_rows.argtypes = [i64]
+    for fn in (lib.gpt2kit_amx_min_rows, lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
                lib.gpt2kit_bf16_mm, lib.gpt2kit_decode_attention, lib.gpt2kit_head_argmax):
         fn.restype = ctypes.c_int
     lib.isa = isa
@@ -123,6 +124,9 @@ def load(isa: str):
     lib.int4_integer = ("fused-int4-vnni" if "avx512_vnni" in cpu_flags() else None) if isa == "avx512" else "fused-int4-avx2"
     # and NF4 / FP4's one-row kernel: the packed one (codes read as dwords) is AVX-512's
     lib.lut4_one_row = "fused-lut4-packed" if isa == "avx512" else "fused-lut4"
+    # where the AMX kernels run (amx.h: built for AMX-BF16, Linux granted the tile state, GPT2KIT_AMX is not 0), the
+    # fewest rows they take by format; else None
+    lib.amx = {"lut4": lib.gpt2kit_amx_min_rows(0), "int8": lib.gpt2kit_amx_min_rows(1)} if lib.gpt2kit_amx_min_rows(0) else None
     return lib
 
 

@@ -36,12 +36,17 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run where a module names 
 # at 24 rows, 1.49-1.61x at 48, 0.96x / 1.32x at 64, 0.77-0.84x at 128; avx2 (BLAS not held to AVX2: conservative)
 # 1.01x / 1.25x at 24, 0.95x / 1.19x at 32, 0.79x at 48; int8 avx512 1.73-1.78x at 24, 1.36-1.48x at 64, 1.03-1.13x
 # at 128, 1.10x at 256; avx2 0.87x at 24. Before the tiled kernel: 4-bit 16 (avx512) and 12 (avx2), int8 16.
-LUT4_MAX_ROWS = {"avx512": 48, "avx2": 24}
+# Where the AMX kernels run (native/amx.h, lib.amx: from 32 rows for 4-bit, 16 for int8) 4-bit takes them up to 256
+# rows: against decoding into float32 and BLAS, GPT-2 XL's four block products took 0.50-0.55x the time at 64 rows,
+# 0.58-0.95x at 128, 0.85-0.91x at 256 (2 Xeon threads, best of 7 calls, two interleaved runs).
+LUT4_MAX_ROWS = {"avx512": 48, "avx512-amx": 256, "avx2": 24}
+INT4_MAX_ROWS = {"avx512": 48, "avx2": 24}  # affine int4 (its zero points): the tiled kernel, AMX or not
 INT8_MAX_ROWS = {"avx512": 256, "avx2": 16}
 # gpt2kit_lut4_mm's kernels by the status it returns (native/quantized.c): the row-at-a-time float lookup, the integer
 # int4 ones (AVX512-VNNI, AVX2), NF4 / FP4's one-row kernel on codes read as dwords (AVX-512), the tiled one (8 rows
-# and more)
-LUT4_NAMES = ("fused-lut4", "fused-int4-vnni", "fused-int4-avx2", "fused-lut4-packed", "fused-lut4-tiled")
+# and more), NF4 / FP4's AMX one (native/amx.h)
+LUT4_NAMES = ("fused-lut4", "fused-int4-vnni", "fused-int4-avx2", "fused-lut4-packed", "fused-lut4-tiled",
+              "fused-lut4-amx")
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
 
 
@@ -170,7 +175,9 @@ class QuantizedProjection(nn.Module):
     _row_limits = None  # by kernel build (lib.isa): the most rows the fused kernel takes (None: SMALL_BATCH)
 
     def _max_rows(self, lib) -> int:
-        return self._row_limits.get(lib.isa, SMALL_BATCH) if self._row_limits else SMALL_BATCH
+        if not self._row_limits:
+            return SMALL_BATCH
+        return self._row_limits.get(lib.isa + "-amx" if lib.amx else lib.isa, self._row_limits.get(lib.isa, SMALL_BATCH))
 
     def _fused_ok(self) -> bool:  # whether the fused kernel takes this matrix's shape
         return True
@@ -320,7 +327,7 @@ class LinearInt4(QuantizedProjection):
     """Affine int4 per group of `group_size` inputs (TorchAoConfig('int4_weight_only')): codes in the same
     nibble layout as bitsandbytes' 4-bit (row-major, high nibble first), w = (q - 8) * scale + zero."""
 
-    _row_limits = LUT4_MAX_ROWS
+    _row_limits = INT4_MAX_ROWS
 
     mode = "int4"
 
@@ -428,7 +435,7 @@ class Linear8bit(QuantizedProjection):
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
-        return lib.gpt2kit_int8_mm, (b["weight"], self.out_features, b["scale"], bias), ("fused-int8", "fused-int8-tiled")
+        return lib.gpt2kit_int8_mm, (b["weight"], self.out_features, b["scale"], bias), ("fused-int8", "fused-int8-tiled", "fused-int8-amx")
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
