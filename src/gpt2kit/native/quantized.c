@@ -536,10 +536,10 @@ static void tiled_product(const tiled_source *src, const float *x, int64_t ldx, 
 
 #include "amx.h"
 /* the fewest rows the AMX kernels take, by measurement against the tiled ones (2 Xeon threads, GPT-2 XL's and small's
- * four block products through the quantized modules, best of 7 calls, 3-4 interleaved runs, AMX on and off): int8
- * XL 0.95-1.15x at 8 rows, 1.40-1.82x at 16, 1.66-2.35x at 32, 1.85-2.46x at 128; small 0.60-0.75x at 8, 0.83-1.08x
- * at 16, 1.42-1.78x at 32, 1.48-2.22x at 128; 4-bit XL 0.92-1.46x at 16, 1.33-1.95x at 32, 1.36-1.88x at 48; small
- * 0.76-1.42x at 16, 1.10-1.72x at 32 */
+ * four block products through the quantized modules, best of 7 calls, 3-7 runs alternating AMX on and off): int8
+ * XL 0.95-1.13x at 8 rows, 1.34-1.82x at 16, 1.66-2.07x at 32, 1.96-2.38x at 128; small 0.58-0.75x at 8, 0.83-1.08x
+ * at 16, 1.42-1.77x at 32, 1.48-2.22x at 128; 4-bit XL 0.92-1.50x at 16, 1.33-1.95x at 32, 1.22-1.88x at 48; small
+ * 0.80-1.40x at 16, 1.11-1.72x at 32 */
 #define AMX_MIN_M_INT8 16
 #define AMX_MIN_M_LUT4 32
 

@@ -37,7 +37,7 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run where a module names 
 # 1.01x / 1.25x at 24, 0.95x / 1.19x at 32, 0.79x at 48; int8 avx512 1.73-1.78x at 24, 1.36-1.48x at 64, 1.03-1.13x
 # at 128, 1.10x at 256; avx2 0.87x at 24. Before the tiled kernel: 4-bit 16 (avx512) and 12 (avx2), int8 16.
 # Where the AMX kernels run (native/amx.h, lib.amx: from 32 rows for 4-bit, 16 for int8) 4-bit takes them up to 256
-# rows: against decoding into float32 and BLAS, GPT-2 XL's four block products took 0.50-0.55x the time at 64 rows,
+# rows: against decoding into float32 and BLAS, GPT-2 XL's four block products took 0.49-0.55x the time at 64 rows,
 # 0.58-0.95x at 128, 0.85-0.91x at 256 (2 Xeon threads, best of 7 calls, two interleaved runs).
 LUT4_MAX_ROWS = {"avx512": 48, "avx512-amx": 256, "avx2": 24}
 INT4_MAX_ROWS = {"avx512": 48, "avx2": 24}  # affine int4 (its zero points): the tiled kernel, AMX or not
