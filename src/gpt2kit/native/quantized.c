@@ -723,12 +723,27 @@ static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, con
 }
 
 /* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's. Returns 1 where
- * the tiled kernel ran (TILED_MIN_M rows and more), 2 the AMX one (AMX_MIN_M_INT8 rows and more), 0 the row kernels,
- * -1 for arguments it refuses. */
+ * the tiled kernel ran (TILED_MIN_M rows and more), 2 the AMX one (AMX_MIN_M_INT8 rows and more, and any number past
+ * TILED_MAX_M), 0 the row kernels, -1 for arguments it refuses. */
 int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int8_t *w, int64_t N,
                     const float *scale, const float *bias, float *y, int64_t ldy, int64_t act, const float *residual,
                     const float *ln_w, const float *ln_b, float eps) {
-    if (M < 1 || M > TILED_MAX_M || K % 32 || N < 1) return -1;
+    if (M < 1 || K % 32 || N < 1) return -1;
+#ifdef GPT2KIT_AMX
+    if (M > TILED_MAX_M && gpt2kit_amx_min_rows(1)) {  /* past the tiled kernels' rows: TILED_MAX_M rows a call (AMX,
+                                                         * or where it refuses the shape the tiled kernel) */
+        int first = -1;
+        for (int64_t m0 = 0; m0 < M; m0 += TILED_MAX_M) {
+            const int64_t rows = M - m0 < TILED_MAX_M ? M - m0 : TILED_MAX_M;
+            const int rc = gpt2kit_int8_mm(x + m0 * ldx, rows, K, ldx, w, N, scale, bias, y + m0 * ldy, ldy, act,
+                                           residual ? residual + m0 * ldy : NULL, ln_w, ln_b, eps);
+            if (rc < 0) return rc;
+            if (m0 == 0) first = rc;
+        }
+        return first;  /* the kernel of the first TILED_MAX_M rows, the most of them */
+    }
+#endif
+    if (M > TILED_MAX_M) return -1;
     float *normed = NULL;
     if (ln_w) {
         normed = alloc_rows(M, K);

@@ -5,7 +5,8 @@ Each holds one matrix in its stored format (formats.py) and picks its kernel by 
 on this CPU (README-quantization.md):
 - up to LUT4_MAX_ROWS / INT8_MAX_ROWS rows by kernel build (decode, small batches, short prefills): the fused kernels of
   native/quantized.c, which decode the weights in registers and read them once (0.5 byte a weight for 4-bit, 1 for
-  int8); from 8 rows on tiled: a chunk of weights decoded into float32 once and multiplied by every row;
+  int8); from 8 rows on tiled: a chunk of weights decoded into float32 once and multiplied by every row; where the CPU
+  has AMX, NF4 / FP4 from 32 rows (up to 256) and int8 from 16 (any number) on the tile unit (native/amx.h);
 - more rows (prefill): decode 1024 output rows at a time into float32 and multiply with BLAS, where the
   product is bound by arithmetic, not by reading the weights;
 - without the native library (no compiler / neither AVX2 nor AVX-512) or off the CPU: PyTorch ops (the packed int8
@@ -41,7 +42,10 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run where a module names 
 # 0.58-0.95x at 128, 0.85-0.91x at 256 (2 Xeon threads, best of 7 calls, two interleaved runs).
 LUT4_MAX_ROWS = {"avx512": 48, "avx512-amx": 256, "avx2": 24}
 INT4_MAX_ROWS = {"avx512": 48, "avx2": 24}  # affine int4 (its zero points): the tiled kernel, AMX or not
-INT8_MAX_ROWS = {"avx512": 256, "avx2": 16}
+# int8 where AMX runs: any number of rows (native/quantized.c calls it 256 rows at a time past TILED_MAX_M), exact, where
+# _weight_int8pack_mm rounds the activations to bf16: 2.0-2.7x its speed at 512-2048 rows of GPT-2 XL's and small's
+# four block products, 4.5e-7 of the largest output against float64 where it is 5.3e-3 (2 Xeon threads, best of 5)
+INT8_MAX_ROWS = {"avx512": 256, "avx512-amx": 1 << 62, "avx2": 16}
 # gpt2kit_lut4_mm's kernels by the status it returns (native/quantized.c): the row-at-a-time float lookup, the integer
 # int4 ones (AVX512-VNNI, AVX2), NF4 / FP4's one-row kernel on codes read as dwords (AVX-512), the tiled one (8 rows
 # and more), NF4 / FP4's AMX one (native/amx.h)
