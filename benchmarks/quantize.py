@@ -5,7 +5,9 @@ every case loads).
 Every case runs in a fresh process (so that load time, peak RSS and peak anonymous memory are its own):
 it loads the checkpoint (quantizing while loading), reports get_memory_footprint(), then decodes greedily
 from a 16-token prompt at batch 1 and batch 8 (min_new_tokens = max_new_tokens), --runs times, and reports
-the median tokens per second. The parent prints the CPU's instruction set, this machine's read bandwidth
+the median tokens per second; alternating with each run, a generate of one token (the prompt's prefill and its
+first token), so that the two phases are reported apart too: the prefill + first token's seconds and the decode
+steps' tokens per second after it ((new tokens - 1) over the whole time less the first token's). The parent prints the CPU's instruction set, this machine's read bandwidth
 (a large float32 matrix-vector product) and each mode's bandwidth floor: the bytes one decode step must
 read (the block matrices in the mode's format plus the LM head: float32 for bitsandbytes, its int8 screen (one
 byte a weight and 8 bytes a row) for gpt2kit's greedy batch 1 where the native kernels are built, the mode's
@@ -101,12 +103,20 @@ def child(spec):
         kw = dict(max_new_tokens=spec["new"], min_new_tokens=spec["new"], do_sample=False, pad_token_id=0)
         with torch.no_grad():
             model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-            times = []
-            for _ in range(spec["runs"]):
+            times, firsts = [], []
+            for _ in range(spec["runs"]):  # alternating: the whole generate, and the prefill + its first token alone
                 t = time.perf_counter()
                 model.generate(ids, **kw)
                 times.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                model.generate(ids, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
+                firsts.append(time.perf_counter() - t)
         result[f"tok_s_b{batch}"] = batch * spec["new"] / statistics.median(times)
+        # the two phases apart: the prompt's prefill (+ the first token), and the decode steps after it
+        first = statistics.median(firsts)
+        result[f"first_s_b{batch}"] = first
+        if spec["new"] > 1:
+            result[f"step_tok_s_b{batch}"] = batch * (spec["new"] - 1) / max(statistics.median(times) - first, 1e-9)
         if lib == "gpt2kit":  # the kernels the last decode step at this batch ran
             from gpt2kit.quantization.replace import quantized_modules
 
@@ -243,9 +253,10 @@ def print_table(size, data):
     rows = {(r["lib"], r["mode"]): r for r in data["rows"]}
     base = rows.get(("gpt2kit", "fp32"), {})
     print(f"\n{size}: checkpoint {data['checkpoint_bytes'] / 1e9:.2f} GB")
-    print("| case | b1 tok/s | b8 tok/s | b1 vs gpt2kit fp32 | b1 vs transformers+bnb | floor b1 | load s | "
-          "peak anon (load) / ckpt | footprint / fp32 | peak RSS GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| case | b1 tok/s | b8 tok/s | b1 vs gpt2kit fp32 | b1 vs transformers+bnb | b1 prefill + 1st s | "
+          "b1 steps tok/s | steps vs transformers+bnb | floor b1 | load s | peak anon (load) / ckpt | "
+          "footprint / fp32 | peak RSS GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (lib, mode), r in rows.items():
         if "error" in r:
             print(f"| {lib} {mode} | error: {r['error'][-80:]!r} |")
@@ -254,7 +265,11 @@ def print_table(size, data):
         vs_peer = f"{r['tok_s_b1'] / peer:.2f}x" if peer and lib == "gpt2kit" else ""
         vs_base = f"{r['tok_s_b1'] / base['tok_s_b1']:.2f}x" if base.get("tok_s_b1") else ""
         fp = f"{r['footprint'] / base['footprint']:.2f}" if base.get("footprint") else ""
+        steps = r.get("step_tok_s_b1")
+        peer_steps = rows.get(("transformers+bnb", mode), {}).get("step_tok_s_b1")
+        vs_steps = f"{steps / peer_steps:.2f}x" if steps and peer_steps and lib == "gpt2kit" else ""
         print(f"| {lib} {mode} | {r['tok_s_b1']:.1f} | {r['tok_s_b8']:.1f} | {vs_base} | {vs_peer} | "
+              f"{r.get('first_s_b1', float('nan')):.2f} | {steps or float('nan'):.1f} | {vs_steps} | "
               f"{r['floor_tok_s_b1']:.0f} | {r['load_s']:.1f} | {r['peak_anon_load'] / data['checkpoint_bytes']:.2f} | "
               f"{fp} | {r['peak_rss'] / 1e9:.2f} |")
 
