@@ -71,7 +71,8 @@ static inline void split3(__m512 v, __m256bh *p) {
  * block b's even inputs, 2b + 1 its odd ones). Rows past M are zeros. */
 static void amx_pack_x(const float *x, int64_t M, int64_t K, int64_t ldx, int lut4, uint16_t *xb) {
     const int64_t groups = (M + 15) / 16, chunks = K / AMX_CHUNK, tile = AMX_ROWS * 32;  /* bf16s a tile */
-    memset(xb, 0, (size_t)(groups * 3 * chunks * tile) * sizeof(uint16_t));
+    if (M % 16)  /* the last group's columns past M: zeros (every other element is written below) */
+        memset(xb + (groups - 1) * 3 * chunks * tile, 0, (size_t)(3 * chunks * tile) * sizeof(uint16_t));
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     #pragma omp parallel for schedule(static)
@@ -155,19 +156,15 @@ static int amx_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
     #pragma omp parallel
     {
         amx_configure();
-        uint16_t *abuf = (uint16_t *)aligned_alloc(64, 2 * 6 * 512 * sizeof(uint16_t));  /* 2 x (parts x 2 chunks) */
+        uint16_t *a = (uint16_t *)aligned_alloc(64, 6 * 512 * sizeof(uint16_t));  /* parts x 2 chunks */
         float *c = (float *)aligned_alloc(64, 256 * sizeof(float));
         float *acc = (float *)aligned_alloc(64, (size_t)(groups * 256) * sizeof(float));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t n0 = 0; n0 < N; n0 += AMX_ROWS) {
             memset(acc, 0, (size_t)(groups * 256) * sizeof(float));
-            /* decoding runs one block ahead, into the other buffer, so that the tile loads of a block's weights come
-             * long after the stores that wrote them (measured: no gain or loss beyond the VM's noise; the prefetch
-             * in the decoders is what removed the stalls) */
-            if (lut4) amx_decode_lut4(codes, K, n0, 0, tables, abuf);
-            else amx_decode_int8(int8, K, n0, 0, abuf);
             for (int64_t k0 = 0; k0 < K; k0 += 64) {  /* a block of 64 inputs: two chunks */
-                const uint16_t *a = abuf + ((k0 / 64) % 2) * 6 * 512;
+                if (lut4) amx_decode_lut4(codes, K, n0, k0, tables, a);
+                else amx_decode_int8(int8, K, n0, k0, a);
                 for (int64_t g = 0; g < groups; g++) {
                     _tile_zero(6);
                     for (int h = 0; h < 2; h++) {
@@ -187,11 +184,6 @@ static int amx_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
                             _tile_dpbf16ps(6, 2, 3);
                         }
                     }
-                    if (g == 0 && k0 + 64 < K) {  /* the next block, while this one's products run */
-                        uint16_t *next = abuf + ((k0 / 64 + 1) % 2) * 6 * 512;
-                        if (lut4) amx_decode_lut4(codes, K, n0, k0 + 64, tables, next);
-                        else amx_decode_int8(int8, K, n0, k0 + 64, next);
-                    }
                     _tile_stored(6, c, 64);  /* c[r][m]: output row n0 + r, input row 16g + m */
                     float *ag = acc + g * 256;
                     for (int r = 0; r < AMX_ROWS; r++) {
@@ -209,7 +201,7 @@ static int amx_product(const float *x, int64_t M, int64_t K, int64_t ldx, const 
         }
         free(acc);
         free(c);
-        free(abuf);
+        free(a);
         _tile_release();
     }
     free(xb);
