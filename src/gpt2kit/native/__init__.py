@@ -107,7 +107,7 @@ def load(isa: str):
     lib = ctypes.CDLL(path)
     i64, p = ctypes.c_int64, ctypes.c_void_p
     f32 = ctypes.c_float
-    lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, p, p, i64, i64, p, p, p, f32]
+    lib.gpt2kit_lut4_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, i64, p, p, i64, i64, p, p, p, f32]
     lib.gpt2kit_lut4_dequant.argtypes = [p, i64, i64, i64, p, p, p, i64, p, p]
     lib.gpt2kit_int8_mm.argtypes = [p, i64, i64, i64, p, i64, p, p, p, i64, i64, p, p, p, f32]
     lib.gpt2kit_f32_mm.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, i64, i64, p, p, p, f32]
@@ -115,7 +115,7 @@ def load(isa: str):
     lib.gpt2kit_decode_attention.argtypes = [p, i64, p, p, i64, i64, p, p, i64, i64, i64, ctypes.c_float, i64, p,
                                              i64]
     lib.gpt2kit_head_argmax.argtypes = [p, i64, i64, i64, p, p, i64, p, f32, i64, p, i64, p, p]
-    lib.gpt2kit_amx_min_rows.argtypes = [i64]
+    lib.gpt2kit_amx_min_rows.argtypes = [i64, i64]
     for fn in (lib.gpt2kit_amx_min_rows, lib.gpt2kit_lut4_mm, lib.gpt2kit_lut4_dequant, lib.gpt2kit_int8_mm, lib.gpt2kit_f32_mm,
                lib.gpt2kit_bf16_mm, lib.gpt2kit_decode_attention, lib.gpt2kit_head_argmax):
         fn.restype = ctypes.c_int
@@ -125,8 +125,10 @@ def load(isa: str):
     # and NF4 / FP4's one-row kernel: the packed one (codes read as dwords) is AVX-512's
     lib.lut4_one_row = "fused-lut4-packed" if isa == "avx512" else "fused-lut4"
     # where the AMX kernels run (amx.h: built for AMX-BF16, Linux granted the tile state, GPT2KIT_AMX is not 0), the
-    # fewest rows they take by format; else None
-    lib.amx = {"lut4": lib.gpt2kit_amx_min_rows(0), "int8": lib.gpt2kit_amx_min_rows(1)} if lib.gpt2kit_amx_min_rows(0) else None
+    # fewest rows they take by format: int8's, and NF4 / FP4's by the bf16 parts it computes in (3: float32's
+    # precision, 2: float16's and more, 1: bf16's); else None
+    lib.amx = ({"lut4": {parts: lib.gpt2kit_amx_min_rows(0, parts) for parts in (1, 2, 3)},
+                "int8": lib.gpt2kit_amx_min_rows(1, 3)} if lib.gpt2kit_amx_min_rows(0, 3) else None)
     return lib
 
 

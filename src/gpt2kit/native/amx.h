@@ -10,6 +10,8 @@
  * so what remains is float32 summation, as in the float kernels. int8 values are exact in bf16 (one part): three
  * products. The same splitting of float32 into bf16 parts as in "bf16x3" GEMM emulation (Henry, Tang and Heinecke,
  * "Leveraging the bfloat16 Artificial Intelligence Datatype For Higher-Precision Computations", ARITH 2019).
+ * A 4-bit product asked for in a lower precision (the config's compute dtype) takes fewer parts: two (a1 b1, a1 b2,
+ * a2 b1: ~2^-16 of a b, above float16's 2^-11) or one (bf16 x bf16, as bitsandbytes computes in bfloat16).
  *
  * W is the tiles' A operand (16 output rows x 32 inputs, row-major: a row of codes decodes straight into it with
  * one 16-bit table lookup (vpermw) per 32 weights and part); x is B (32 inputs x 16 input rows in pairs, built once
@@ -50,9 +52,9 @@ static void amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* v (16 floats) -> its three bf16 parts, each rounded to nearest from the remainder of the ones before */
-static inline void split3(__m512 v, __m256bh *p) {
-    for (int i = 0; i < 3; i++) {
+/* v (16 floats) -> its first `parts` (1-3) bf16 parts, each rounded to nearest from the remainder of the ones before */
+static inline void split_parts(__m512 v, int parts, __m256bh *p) {
+    for (int i = 0; i < parts; i++) {
         p[i] = _mm512_cvtneps_pbh(v);
         v = _mm512_sub_ps(v, _mm512_cvtpbh_ps(p[i]));
     }
@@ -66,13 +68,13 @@ static inline void split3(__m512 v, __m256bh *p) {
  * 6400 at 16 rows): NF4 5.39 -> 3.52 ms, int8 3.70 -> 2.46 ms, where 4 cache lines ahead in the row took 3.86 / 2.84 */
 #define AMX_AHEAD 32
 
-/* x (M, K, rows ldx apart) -> xb: for each group of 16 input rows g, part p and chunk c, a B tile of 16 rows of
- * dwords: row j, column m = the bf16 parts of x[16g + m] at the chunk's inputs 2j and 2j + 1 (lut4: chunk 2b holds
- * block b's even inputs, 2b + 1 its odd ones). Rows past M are zeros. */
-static void amx_pack_x(const float *x, int64_t M, int64_t K, int64_t ldx, int lut4, uint16_t *xb) {
+/* x (M, K, rows ldx apart) -> xb: for each group of 16 input rows g, part p (of `parts`) and chunk c, a B tile of 16
+ * rows of dwords: row j, column m = the bf16 parts of x[16g + m] at the chunk's inputs 2j and 2j + 1 (lut4: chunk 2b
+ * holds block b's even inputs, 2b + 1 its odd ones). Rows past M are zeros. */
+static void amx_pack_x(const float *x, int64_t M, int64_t K, int64_t ldx, int lut4, int parts, uint16_t *xb) {
     const int64_t groups = (M + 15) / 16, chunks = K / AMX_CHUNK, tile = AMX_ROWS * 32;  /* bf16s a tile */
     if (M % 16)  /* the last group's columns past M: zeros (every other element is written below) */
-        memset(xb + (groups - 1) * 3 * chunks * tile, 0, (size_t)(3 * chunks * tile) * sizeof(uint16_t));
+        memset(xb + (groups - 1) * parts * chunks * tile, 0, (size_t)(parts * chunks * tile) * sizeof(uint16_t));
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     #pragma omp parallel for schedule(static)
@@ -91,10 +93,10 @@ static void amx_pack_x(const float *x, int64_t M, int64_t K, int64_t ldx, int lu
                 hi = _mm512_loadu_ps(row + c * AMX_CHUNK + 16);
             }
             __m256bh pl[3], ph[3];
-            split3(lo, pl);
-            split3(hi, ph);
-            for (int p = 0; p < 3; p++) {
-                uint16_t *t = xb + ((g * 3 + p) * chunks + c) * tile;
+            split_parts(lo, parts, pl);
+            split_parts(hi, parts, ph);
+            for (int p = 0; p < parts; p++) {
+                uint16_t *t = xb + ((g * parts + p) * chunks + c) * tile;
                 uint16_t e[32];
                 _mm256_storeu_si256((__m256i *)e, (__m256i)pl[p]);
                 _mm256_storeu_si256((__m256i *)(e + 16), (__m256i)ph[p]);
@@ -109,13 +111,13 @@ static void amx_pack_x(const float *x, int64_t M, int64_t K, int64_t ldx, int lu
 
 /* 16 output rows from n0, decoded for 64 inputs from k0 into a (parts x 2 chunks of 16 x 32 bf16) */
 static inline void amx_decode_lut4(const uint8_t *w, int64_t K, int64_t n0, int64_t k0, const __m512i *tables,
-                                   uint16_t *a) {
+                                   int parts, uint16_t *a) {
     for (int r = 0; r < AMX_ROWS; r++) {
         const uint8_t *src = w + (n0 + r) * (K / 2) + k0 / 2;
         _mm_prefetch((const char *)(src + AMX_AHEAD * (K / 2)), _MM_HINT_T0);
         const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
         const __m512i high = _mm512_srli_epi16(bytes, 4);  /* vpermw reads the low 5 bits: the 16 entries twice */
-        for (int p = 0; p < 3; p++) {
+        for (int p = 0; p < parts; p++) {
             _mm512_store_si512(a + (p * 2 + 0) * 512 + r * 32, _mm512_permutexvar_epi16(high, tables[p]));
             _mm512_store_si512(a + (p * 2 + 1) * 512 + r * 32, _mm512_permutexvar_epi16(bytes, tables[p]));
         }
@@ -134,54 +136,64 @@ static inline void amx_decode_int8(const int8_t *w, int64_t K, int64_t n0, int64
 }
 
 /* y (M, N, rows ldy apart) = x @ W^T (+ bias). lut4: codes (N, K / 2) with the 16-entry table code and per-block
- * scale (blocks of bs inputs, bs % 64 == 0); else int8 (N, K) with row_scale. N % 16 == 0, K % 64 == 0. 0 when it
- * ran, -1 where AMX is not granted. */
+ * scale (blocks of bs inputs, bs % 64 == 0), in `parts` bf16 parts (3: float32's precision, 2, 1: bf16's); else int8
+ * (N, K) with row_scale (x in three parts: exact). N % 16 == 0, K % 64 == 0. 0 when it ran, -1 where AMX is not
+ * granted. */
 static int amx_product(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *codes, const float *code,
-                       const float *scale, int64_t bs, const int8_t *int8, const float *row_scale, int64_t N,
-                       const float *bias, float *y, int64_t ldy) {
-    if (N % AMX_ROWS || K % 64 || (codes && bs % 64) || !amx_permitted()) return -1;
+                       const float *scale, int64_t bs, int parts, const int8_t *int8, const float *row_scale,
+                       int64_t N, const float *bias, float *y, int64_t ldy) {
+    if (N % AMX_ROWS || K % 64 || (codes && bs % 64) || parts < 1 || parts > 3 || !amx_permitted()) return -1;
     const int lut4 = codes != NULL;
+    if (!lut4) parts = 3;
     const int64_t groups = (M + 15) / 16, chunks = K / AMX_CHUNK, tile = AMX_ROWS * 32;
-    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(groups * 3 * chunks * tile) * sizeof(uint16_t));
-    amx_pack_x(x, M, K, ldx, lut4, xb);
-    __m512i tables[3];  /* the code table's three bf16 parts, its 16 entries twice */
+    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(groups * parts * chunks * tile) * sizeof(uint16_t));
+    amx_pack_x(x, M, K, ldx, lut4, parts, xb);
+    __m512i tables[3];  /* the code table's bf16 parts, its 16 entries twice */
     if (lut4) {
-        __m256bh parts[3];
-        split3(_mm512_loadu_ps(code), parts);
-        for (int p = 0; p < 3; p++) {
-            const __m256i t = (__m256i)parts[p];
+        __m256bh split[3];
+        split_parts(_mm512_loadu_ps(code), parts, split);
+        for (int p = 0; p < parts; p++) {
+            const __m256i t = (__m256i)split[p];
             tables[p] = _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);
         }
     }
     #pragma omp parallel
     {
         amx_configure();
-        uint16_t *a = (uint16_t *)aligned_alloc(64, 6 * 512 * sizeof(uint16_t));  /* parts x 2 chunks */
+        uint16_t *a = (uint16_t *)aligned_alloc(64, (size_t)(parts * 2 * 512) * sizeof(uint16_t));  /* parts x 2 chunks */
         float *c = (float *)aligned_alloc(64, 256 * sizeof(float));
         float *acc = (float *)aligned_alloc(64, (size_t)(groups * 256) * sizeof(float));
         #pragma omp for schedule(dynamic, 1)
         for (int64_t n0 = 0; n0 < N; n0 += AMX_ROWS) {
             memset(acc, 0, (size_t)(groups * 256) * sizeof(float));
             for (int64_t k0 = 0; k0 < K; k0 += 64) {  /* a block of 64 inputs: two chunks */
-                if (lut4) amx_decode_lut4(codes, K, n0, k0, tables, a);
+                if (lut4) amx_decode_lut4(codes, K, n0, k0, tables, parts, a);
                 else amx_decode_int8(int8, K, n0, k0, a);
                 for (int64_t g = 0; g < groups; g++) {
                     _tile_zero(6);
                     for (int h = 0; h < 2; h++) {
-                        const uint16_t *xg = xb + (g * 3 * chunks + k0 / AMX_CHUNK + h) * tile;
+                        /* the products of W's part i (tile i) and x's part j (tile 3 + j) with i + j < parts; int8's
+                         * W has one part. Tile numbers are immediates, hence the branches. */
+                        const uint16_t *xg = xb + (g * parts * chunks + k0 / AMX_CHUNK + h) * tile;
                         _tile_loadd(3, xg, 64);
-                        _tile_loadd(4, xg + chunks * tile, 64);
-                        _tile_loadd(5, xg + 2 * chunks * tile, 64);
                         _tile_loadd(0, a + (0 * 2 + h) * 512, 64);
                         _tile_dpbf16ps(6, 0, 3);
-                        _tile_dpbf16ps(6, 0, 4);
-                        _tile_dpbf16ps(6, 0, 5);
-                        if (lut4) {
-                            _tile_loadd(1, a + (1 * 2 + h) * 512, 64);
-                            _tile_loadd(2, a + (2 * 2 + h) * 512, 64);
-                            _tile_dpbf16ps(6, 1, 3);
-                            _tile_dpbf16ps(6, 1, 4);
-                            _tile_dpbf16ps(6, 2, 3);
+                        if (parts > 1) {
+                            _tile_loadd(4, xg + chunks * tile, 64);
+                            _tile_dpbf16ps(6, 0, 4);
+                            if (lut4) {
+                                _tile_loadd(1, a + (1 * 2 + h) * 512, 64);
+                                _tile_dpbf16ps(6, 1, 3);
+                            }
+                        }
+                        if (parts > 2) {
+                            _tile_loadd(5, xg + 2 * chunks * tile, 64);
+                            _tile_dpbf16ps(6, 0, 5);
+                            if (lut4) {
+                                _tile_loadd(2, a + (2 * 2 + h) * 512, 64);
+                                _tile_dpbf16ps(6, 1, 4);
+                                _tile_dpbf16ps(6, 2, 3);
+                            }
                         }
                     }
                     _tile_stored(6, c, 64);  /* c[r][m]: output row n0 + r, input row 16g + m */

@@ -539,17 +539,20 @@ static void tiled_product(const tiled_source *src, const float *x, int64_t ldx, 
  * four block products through the quantized modules, best of 7 calls, 3-7 runs alternating AMX on and off): int8
  * XL 0.95-1.13x at 8 rows, 1.34-1.82x at 16, 1.66-2.07x at 32, 1.96-2.38x at 128; small 0.58-0.75x at 8, 0.83-1.08x
  * at 16, 1.42-1.77x at 32, 1.48-2.22x at 128; 4-bit XL 0.92-1.50x at 16, 1.33-1.95x at 32, 1.22-1.88x at 48; small
- * 0.80-1.40x at 16, 1.11-1.72x at 32 */
+ * 0.80-1.40x at 16, 1.11-1.72x at 32. 4-bit in fewer parts (a lower compute dtype; C harness, 2 threads, best of 10,
+ * XL's and small's four shapes): one part 1.16-2.18x the tiled kernel at 8 rows, 1.35-2.86x at 12, 2.03-3.24x at 16
+ * (XL); two parts 0.80-1.40x at 8, 0.82-2.65x at 12, 1.28-1.84x at 16 (XL) */
 #define AMX_MIN_M_INT8 16
-#define AMX_MIN_M_LUT4 32
+static const int64_t AMX_MIN_M_LUT4[4] = {0, 8, 16, 32};  /* by parts */
 
 /* Where the AMX kernels run (built for AMX-BF16, Linux granted the tile state, GPT2KIT_AMX is not 0): the fewest rows
- * they take, int8's (int8 != 0) or NF4 / FP4's; else 0 */
-int gpt2kit_amx_min_rows(int64_t int8) {
+ * they take, int8's (int8 != 0) or NF4 / FP4's in `parts` bf16 parts (1-3); else 0 */
+int gpt2kit_amx_min_rows(int64_t int8, int64_t parts) {
 #ifdef GPT2KIT_AMX
-    return amx_permitted() ? (int8 ? AMX_MIN_M_INT8 : AMX_MIN_M_LUT4) : 0;
+    if (!amx_permitted() || (!int8 && (parts < 1 || parts > 3))) return 0;
+    return int8 ? AMX_MIN_M_INT8 : AMX_MIN_M_LUT4[parts];
 #else
-    (void)int8;
+    (void)int8, (void)parts;
     return 0;
 #endif
 }
@@ -557,7 +560,7 @@ int gpt2kit_amx_min_rows(int64_t int8) {
 #ifdef GPT2KIT_AMX
 /* amx_product on x layer-normed first where ln_w is given; 0 when it ran */
 static int amx_run(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *codes, const float *code,
-                   const float *scale, int64_t bs, const int8_t *int8, const float *row_scale, int64_t N,
+                   const float *scale, int64_t bs, int parts, const int8_t *int8, const float *row_scale, int64_t N,
                    const float *bias, float *y, int64_t ldy, const float *ln_w, const float *ln_b, float eps) {
     float *normed = NULL;
     if (ln_w) {
@@ -565,21 +568,38 @@ static int amx_run(const float *x, int64_t M, int64_t K, int64_t ldx, const uint
         layer_norm_rows(x, M, K, ldx, ln_w, ln_b, eps, normed);
         x = normed, ldx = K;
     }
-    const int rc = amx_product(x, M, K, ldx, codes, code, scale, bs, int8, row_scale, N, bias, y, ldy);
+    const int rc = amx_product(x, M, K, ldx, codes, code, scale, bs, parts, int8, row_scale, N, bias, y, ldy);
     free(normed);
     return rc;
 }
 #endif
 
-/* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's.
- * Returns which kernel ran: 1 or 2 an integer int4 one (AVX512-VNNI's, AVX2's), 3 the packed NF4 / FP4 one-row
- * kernel, 4 the tiled one (TILED_MIN_M rows and more), 5 the AMX one (AMX_MIN_M_LUT4 rows and more, NF4 / FP4), 0 the
- * row-at-a-time float one; -1 for arguments it refuses. */
+/* ln_w, ln_b, eps: the layer norm applied to x first (ln_w NULL: none); act, residual: the epilogue's. parts: the
+ * precision NF4 / FP4's AMX kernel computes in, 3 (float32's), 2 (~2^-16: for float16) or 1 (bf16's); the other
+ * kernels compute in float32 whatever it says. Returns which kernel ran: 1 or 2 an integer int4 one (AVX512-VNNI's,
+ * AVX2's), 3 the packed NF4 / FP4 one-row kernel, 4 the tiled one (TILED_MIN_M rows and more), 5 the AMX one
+ * (AMX_MIN_M_LUT4[parts] rows and more, NF4 / FP4; any number past TILED_MAX_M in fewer than 3 parts, where it beats
+ * decoding to float32 and BLAS), 0 the row-at-a-time float one; -1 for arguments it refuses. */
 int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *w, int64_t N,
-                    const float *code, const float *scale, const float *zero, int64_t bs, const float *bias,
-                    float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w, const float *ln_b,
-                    float eps) {
-    if (M < 1 || M > TILED_MAX_M || K % bs || bs % 32 || N < 1) return -1;
+                    const float *code, const float *scale, const float *zero, int64_t bs, int64_t parts,
+                    const float *bias, float *y, int64_t ldy, int64_t act, const float *residual, const float *ln_w,
+                    const float *ln_b, float eps) {
+    if (M < 1 || K % bs || bs % 32 || N < 1 || parts < 1 || parts > 3) return -1;
+#ifdef GPT2KIT_AMX
+    if (M > TILED_MAX_M && parts < 3 && !zero && gpt2kit_amx_min_rows(0, parts)) {  /* TILED_MAX_M rows a call */
+        int first = -1;
+        for (int64_t m0 = 0; m0 < M; m0 += TILED_MAX_M) {
+            const int64_t rows = M - m0 < TILED_MAX_M ? M - m0 : TILED_MAX_M;
+            const int rc = gpt2kit_lut4_mm(x + m0 * ldx, rows, K, ldx, w, N, code, scale, zero, bs, parts, bias,
+                                           y + m0 * ldy, ldy, act, residual ? residual + m0 * ldy : NULL, ln_w, ln_b,
+                                           eps);
+            if (rc < 0) return rc;
+            if (m0 == 0) first = rc;
+        }
+        return first;
+    }
+#endif
+    if (M > TILED_MAX_M) return -1;
 #ifdef INT4_INTEGER
     if (M == 1 && zero && (bs & (bs - 1)) == 0 && vnni_allowed()) {  /* affine int4 (integer codes), bs a power of 2 */
         float *normed = NULL;
@@ -605,8 +625,8 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
     }
 #endif
 #ifdef GPT2KIT_AMX
-    if (M >= AMX_MIN_M_LUT4 && !zero
-        && amx_run(x, M, K, ldx, w, code, scale, bs, NULL, NULL, N, bias, y, ldy, ln_w, ln_b, eps) == 0) {
+    if (M >= AMX_MIN_M_LUT4[parts] && !zero
+        && amx_run(x, M, K, ldx, w, code, scale, bs, (int)parts, NULL, NULL, N, bias, y, ldy, ln_w, ln_b, eps) == 0) {
         epilogue(y, M, N, ldy, act, residual);
         return 5;
     }
@@ -730,7 +750,7 @@ int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int
                     const float *ln_w, const float *ln_b, float eps) {
     if (M < 1 || K % 32 || N < 1) return -1;
 #ifdef GPT2KIT_AMX
-    if (M > TILED_MAX_M && gpt2kit_amx_min_rows(1)) {  /* past the tiled kernels' rows: TILED_MAX_M rows a call (AMX,
+    if (M > TILED_MAX_M && gpt2kit_amx_min_rows(1, 3)) {  /* past the tiled kernels' rows: TILED_MAX_M rows a call (AMX,
                                                          * or where it refuses the shape the tiled kernel) */
         int first = -1;
         for (int64_t m0 = 0; m0 < M; m0 += TILED_MAX_M) {
@@ -760,7 +780,7 @@ int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int
         return 0;
     }
 #ifdef GPT2KIT_AMX
-    if (M >= AMX_MIN_M_INT8 && amx_product(x, M, K, ldx, NULL, NULL, NULL, 0, w, scale, N, bias, y, ldy) == 0) {
+    if (M >= AMX_MIN_M_INT8 && amx_product(x, M, K, ldx, NULL, NULL, NULL, 0, 3, w, scale, N, bias, y, ldy) == 0) {
         free(normed);
         epilogue(y, M, N, ldy, act, residual);
         return 2;

@@ -11,9 +11,11 @@ on this CPU (README-quantization.md):
   product is bound by arithmetic, not by reading the weights;
 - without the native library (no compiler / neither AVX2 nor AVX-512) or off the CPU: PyTorch ops (the packed int8
   kernel, or dequantize-and-multiply), slower for 4-bit.
-Products are computed in float32 on the CPU, whatever compute dtype was asked for (bfloat16/float16
-activations are cast, once, in and out): the kernels decode to float32 anyway, and half-precision products
-are slower on CPUs. Elsewhere the config's compute dtype is used.
+Products are computed in float32 on the CPU (bfloat16/float16 activations are cast, once, in and out): the kernels
+decode to float32, and half-precision products are slower on CPUs, but for NF4 / FP4 on AMX, where a lower compute
+dtype is honoured: bfloat16 as one bf16 product (as bitsandbytes computes), float16 as three (bf16x2, ~2^-16 relative:
+more than float16's 2^-11), float32 as six (float32-exact); fewer products run faster (AMX_PARTS). Elsewhere the
+config's compute dtype is used.
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ INT8_MAX_ROWS = {"avx512": 256, "avx512-amx": 1 << 62, "avx2": 16}
 LUT4_NAMES = ("fused-lut4", "fused-int4-vnni", "fused-int4-avx2", "fused-lut4-packed", "fused-lut4-tiled",
               "fused-lut4-amx")
 DEQUANT_ROWS = 1024  # output rows decoded at once on the large-batch path
+# the bf16 parts NF4 / FP4's AMX kernel splits each operand into, by compute dtype (native/amx.h); any other: 3. With
+# fewer than 3 it beats decoding into float32 and BLAS at any number of rows (C harness, GPT-2 XL's shapes at 16 rows:
+# one part 2.0-3.2x the tiled float32 kernel, two 1.3-1.8x, where three ran 0.8-1.3x), so those take no row limit.
+AMX_PARTS = {torch.bfloat16: 1, torch.float16: 2}
 
 
 NO_NORM = native.NO_NORM
@@ -308,10 +314,20 @@ class Linear4bit(QuantizedProjection):
                     self.blocksize, out, None)
         return out
 
+    @property
+    def amx_parts(self) -> int:
+        """The bf16 parts the AMX kernel computes in (AMX_PARTS by compute dtype; 3: float32-exact)."""
+        return AMX_PARTS.get(self.compute_dtype, 3)
+
+    def _max_rows(self, lib) -> int:
+        if lib.amx and self.amx_parts < 3:
+            return 1 << 62
+        return super()._max_rows(lib)
+
     def _kernel_spec(self, lib, bias):
         b = self._buffers
-        return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["quant_map"], b["absmax"], 0, self.blocksize, bias),
-                LUT4_NAMES)
+        return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["quant_map"], b["absmax"], 0, self.blocksize,
+                                      self.amx_parts, bias), LUT4_NAMES)
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)
@@ -385,7 +401,7 @@ class LinearInt4(QuantizedProjection):
         b = self._buffers
         # status 1 / 2: at one row, integer dot products over x split into three 7-bit pieces (AVX512-VNNI / AVX2)
         return (lib.gpt2kit_lut4_mm, (b["weight"], self.out_features, b["code"], b["scales"], b["zeros"], self.group_size,
-                                      bias), LUT4_NAMES)
+                                      3, bias), LUT4_NAMES)
 
     def _product(self, x, lead, act=0, res=None, ln=NO_NORM):
         M = math.prod(lead)

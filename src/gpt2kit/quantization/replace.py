@@ -15,7 +15,8 @@ import torch
 
 from . import formats as Q
 from .config import BitsAndBytesConfig, TorchAoConfig
-from .modules import Linear4bit, Linear8bit, LinearInt4, QuantizedProjection
+from .modules import AMX_PARTS, Linear4bit, Linear8bit, LinearInt4, QuantizedProjection
+from .. import native
 from ..errors import InvalidInputError
 
 logger = logging.getLogger("gpt2kit.quantization")
@@ -44,9 +45,17 @@ def compute_dtype(qconfig):
     dtype = getattr(qconfig, "bnb_4bit_compute_dtype", None)
     if dtype in (torch.float16, torch.bfloat16) and qconfig.mode not in _CPU_NOTE_SHOWN:
         _CPU_NOTE_SHOWN.add(qconfig.mode)
-        logger.info("bnb_4bit_compute_dtype=%s: on the CPU gpt2kit computes the quantized products in float32 "
-                    "(its kernels decode the weights to float32; half-precision CPU products are slower); "
-                    "on a GPU it computes in %s.", str(dtype).removeprefix("torch."), str(dtype).removeprefix("torch."))
+        name = str(dtype).removeprefix("torch.")
+        lib = native.library()
+        if lib is not None and lib.amx:
+            how = ("as one bf16 product, as asked" if dtype is torch.bfloat16 else
+                   "as three bf16 products (bf16x2: ~2^-16 relative, more than float16's precision)")
+            where = (f"this CPU's AMX unit computes 4-bit products of {lib.amx['lut4'][AMX_PARTS[dtype]]} rows and "
+                     f"more {how}; fewer rows (a decode step) in float32")
+        else:
+            where = ("on this CPU gpt2kit computes the quantized products in float32 (its kernels decode the weights "
+                     "to float32; half-precision CPU products are slower without AMX)")
+        logger.info("bnb_4bit_compute_dtype=%s: %s; on a GPU it computes in %s.", name, where, name)
     return dtype
 
 
