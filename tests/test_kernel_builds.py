@@ -38,32 +38,45 @@ def test_each_build_names_itself_and_its_integer_int4_kernel():
 
 
 @pytest.mark.usefixtures("native_build")
-@pytest.mark.parametrize("fmt", ["int4", "nf4"])
-def test_4bit_products_switch_to_blas_past_the_builds_row_limit(fmt):
-    """The fused 4-bit lookup kernel (tiled at that many rows) runs up to the build's row limit (affine int4:
-    INT4_MAX_ROWS, 48 under AVX-512, 24 under AVX2, where the lookup costs more; NF4 / FP4: LUT4_MAX_ROWS, the same,
-    or 256 where the AMX kernel runs: measured in quantization/modules.py), decoding into float32 and BLAS past it;
-    both match the dequantized weights."""
+@pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
+def test_quantized_products_switch_to_blas_past_the_builds_row_limit(fmt):
+    """The fused kernels (tiled at that many rows) run up to the build's row limit (measured in
+    quantization/modules.py: affine int4 INT4_MAX_ROWS, 48 under AVX-512, 32 under AVX2; NF4 / FP4 LUT4_MAX_ROWS,
+    48 / 24, or 256 where the AMX kernel runs; int8 INT8_MAX_ROWS, 256 / 48, none where AMX runs), decoding into
+    float32 and BLAS past it, one block of output rows at a time (never the whole matrix again for each block), or
+    for int8 where bf16 products are native PyTorch's packed int8 kernel (bf16 activations); all match the
+    dequantized weights."""
     import torch
 
+    from gpt2kit.model import onednn
     from gpt2kit.quantization import formats as Q
-    from gpt2kit.quantization.modules import INT4_MAX_ROWS, LUT4_MAX_ROWS, Linear4bit, LinearInt4
+    from gpt2kit.quantization import modules as qm
 
     lib = native.library()
     if lib is None:
         pytest.skip("no build of the kernels here")
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 256, generator=g) * 0.02, torch.randn(48, generator=g) * 0.01
+    tol = 1e-5
     if fmt == "int4":
-        m, limit, fused = LinearInt4(w, b, 32), INT4_MAX_ROWS[lib.isa], "fused-lut4-tiled"
-    else:
-        m = Linear4bit(Q.quantize_4bit(w, "nf4", 64), b)
-        limit = LUT4_MAX_ROWS[lib.isa + "-amx" if lib.amx else lib.isa]
+        m, limit, fused = qm.LinearInt4(w, b, 32), qm.INT4_MAX_ROWS[lib.isa], "fused-lut4-tiled"
+    elif fmt == "nf4":
+        m = qm.Linear4bit(Q.quantize_4bit(w, "nf4", 64), b)
+        limit = qm.LUT4_MAX_ROWS[lib.isa + "-amx" if lib.amx else lib.isa]
         fused = "fused-lut4-amx" if lib.amx else "fused-lut4-tiled"
+    else:
+        m = qm.Linear8bit(*Q.quantize_int8_rowwise(w), b)
+        if lib.amx:
+            pytest.skip("where AMX runs the int8 kernel takes any number of rows")
+        limit, fused = qm.INT8_MAX_ROWS[lib.isa], "fused-int8-tiled"
+    past = "dequantize+mm"
+    if fmt == "int8" and onednn.bf16_available():
+        past, tol = "aten-int8pack", 1e-2  # bf16 activations
+    m.dequantize = None  # past the limit the rows are decoded a block at a time, not from the whole matrix
     with torch.inference_mode():
-        for rows, kernel in ((limit, fused), (limit + 1, "dequantize+mm")):
+        for rows, kernel in ((limit, fused), (limit + 1, past)):
             x = torch.randn(rows, 256, generator=g)
             y = m(x)
             assert m.last_kernel == kernel, (rows, m.last_kernel)
-            want = x.double() @ m.dequantize().double().t() + m.bias.double()
-            assert (y.double() - want).abs().max().item() < 1e-5 * want.abs().max().item()
+            want = x.double() @ type(m).dequantize(m).double().t() + m.bias.double()
+            assert (y.double() - want).abs().max().item() < tol * want.abs().max().item()

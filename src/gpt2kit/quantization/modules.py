@@ -39,15 +39,19 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run where a module names 
 # at 24 rows, 1.49-1.61x at 48, 0.96x / 1.32x at 64, 0.77-0.84x at 128; avx2 (BLAS not held to AVX2: conservative)
 # 1.01x / 1.25x at 24, 0.95x / 1.19x at 32, 0.79x at 48; int8 avx512 1.73-1.78x at 24, 1.36-1.48x at 64, 1.03-1.13x
 # at 128, 1.10x at 256; avx2 0.87x at 24. Before the tiled kernel: 4-bit 16 (avx512) and 12 (avx2), int8 16.
+# avx2 on a real AVX2-only CPU (AMD EPYC, Zen 3 class, 2026-12-04; int8 against decoding into float32 and BLAS, for
+# without native bf16 _weight_int8pack_mm is slow; XL / small, best of 3 calls, two interleaved rounds): NF4 1.16x /
+# 1.04x at 24 rows, 0.96x / 0.94x at 32; int4 1.21x / 0.99x at 32, 1.07x / 0.78x at 48; int8 1.10x / 1.43x at 48,
+# 0.90x / 1.17x at 64.
 # Where the AMX kernels run (native/amx.h, lib.amx: from 32 rows for 4-bit, 16 for int8) 4-bit takes them up to 256
 # rows: against decoding into float32 and BLAS, GPT-2 XL's four block products took 0.49-0.55x the time at 64 rows,
 # 0.58-0.95x at 128, 0.85-0.91x at 256 (2 Xeon threads, best of 7 calls, two interleaved runs).
 LUT4_MAX_ROWS = {"avx512": 48, "avx512-amx": 256, "avx2": 24}
-INT4_MAX_ROWS = {"avx512": 48, "avx2": 24}  # affine int4 (its zero points): the tiled kernel, AMX or not
+INT4_MAX_ROWS = {"avx512": 48, "avx2": 32}  # affine int4 (its zero points): the tiled kernel, AMX or not
 # int8 where AMX runs: any number of rows (native/quantized.c calls it 256 rows at a time past TILED_MAX_M), exact, where
 # _weight_int8pack_mm rounds the activations to bf16: 2.0-2.7x its speed at 512-2048 rows of GPT-2 XL's and small's
 # four block products, 4.5e-7 of the largest output against float64 where it is 5.3e-3 (2 Xeon threads, best of 5)
-INT8_MAX_ROWS = {"avx512": 256, "avx512-amx": 1 << 62, "avx2": 16}
+INT8_MAX_ROWS = {"avx512": 256, "avx512-amx": 1 << 62, "avx2": 48}
 # gpt2kit_lut4_mm's kernels by the status it returns (native/quantized.c): the row-at-a-time float lookup, the integer
 # int4 ones (AVX512-VNNI, AVX2), NF4 / FP4's one-row kernel on codes read as dwords (AVX-512), the tiled one (8 rows
 # and more), NF4 / FP4's AMX one (native/amx.h)
@@ -254,15 +258,21 @@ class QuantizedProjection(nn.Module):
         """Prefill: float32 W decoded DEQUANT_ROWS output rows at a time, multiplied by BLAS."""
         out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         bias = self._bias32()
+        whole = None  # the whole matrix, decoded once where rows cannot be decoded alone
         for n0 in range(0, self.out_features, DEQUANT_ROWS):
             n1 = min(n0 + DEQUANT_ROWS, self.out_features)
-            w = self.dequantize_rows(n0, n1)  # (n1 - n0, in) float32
+            w = whole[n0:n1] if whole is not None else self.dequantize_rows(n0, n1)  # (n1 - n0, in) float32
+            if w is None:
+                whole = self.dequantize().float()
+                w = whole[n0:n1]
             out[:, n0:n1] = torch.addmm(bias[n0:n1], x2, w.t()) if bias is not None else x2 @ w.t()
         self.__dict__["last_kernel"] = "dequantize+mm"
         return out
 
-    def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor:
-        return self.dequantize()[n0:n1].float()
+    def dequantize_rows(self, n0: int, n1: int) -> torch.Tensor | None:
+        """Output rows n0..n1 decoded to float32 (n1 - n0, in), or None where this format (or this machine, without
+        the native library) decodes only the whole matrix."""
+        return None
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.buffers(recurse=False)) + list(self.parameters(recurse=False)))
@@ -308,7 +318,7 @@ class Linear4bit(QuantizedProjection):
     def dequantize_rows(self, n0, n1):
         lib = native.library()
         if lib is None or not self._fused_ok():
-            return super().dequantize_rows(n0, n1)
+            return None
         out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
         native.call(lib.gpt2kit_lut4_dequant, self.weight, n0, n1, self.in_features, self.quant_map, self.absmax, None,
                     self.blocksize, out, None)
@@ -391,7 +401,7 @@ class LinearInt4(QuantizedProjection):
     def dequantize_rows(self, n0, n1):
         lib = native.library()
         if lib is None:
-            return super().dequantize_rows(n0, n1)
+            return None
         out = torch.empty(n1 - n0, self.in_features, dtype=torch.float32)
         native.call(lib.gpt2kit_lut4_dequant, self.weight, n0, n1, self.in_features, self.code, self.scales, self.zeros,
                     self.group_size, out, None)
@@ -452,6 +462,9 @@ class Linear8bit(QuantizedProjection):
 
     def _fused_ok(self) -> bool:
         return self.in_features % 32 == 0
+
+    def dequantize_rows(self, n0, n1):  # times the row scale, as the fused kernels apply it (one rounding, not two)
+        return self.weight[n0:n1].float().mul_(self.scale[n0:n1, None])
 
     def _kernel_spec(self, lib, bias):
         b = self._buffers
