@@ -343,6 +343,12 @@ static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsp
         for (int r = 0; r < R; r++)
             if ((j & 63) == 0)
                 _mm_prefetch((const char *)(w + (n + r + PREFETCH_GROUPS * 4) * half + j), _MM_HINT_T0);
+        if ((j & 255) == 0)  /* and their scales and zero points, 512 inputs' (64 bytes) at a time: 1.13x on GPT-2
+                              * small's block products at one row (AVX2-only EPYC, alternating in one process) */
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch((const char *)(scale + (n + r + PREFETCH_GROUPS * 4) * groups + 2 * j / bs), _MM_HINT_T0);
+                _mm_prefetch((const char *)(zero + (n + r + PREFETCH_GROUPS * 4) * groups + 2 * j / bs), _MM_HINT_T0);
+            }
         const int8_t *p = xs->pieces + j;
         const __m256i e1 = _mm256_load_si256((const __m256i *)p), o1 = _mm256_load_si256((const __m256i *)(p + S)),
                       e2 = _mm256_load_si256((const __m256i *)(p + 2 * S)), o2 = _mm256_load_si256((const __m256i *)(p + 3 * S)),
