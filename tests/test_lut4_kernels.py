@@ -125,3 +125,27 @@ def test_amx_lower_precision_matches_its_emulation(parts, quant_type, shape, row
     assert off < (1e-2 if parts == 1 else 5e-5)  # bf16's precision; bf16x2's, above float16's 2^-11
     if parts == 1:
         assert off > 1e-5  # the precision asked for: not a float32 product
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_batch_invariant_products_are_float32_exact_at_every_row_count(parts):
+    """replace.batch_invariant (a server's engine sets it): a bfloat16 / float16 compute dtype no longer runs AMX's
+    fewer-part products, so each row's result is the float32 product whatever the rows beside it; the flag drops
+    the cached kernel arguments (they hold the part count)."""
+    from gpt2kit.quantization.replace import batch_invariant
+
+    m, g = _module(32, 1024, "nf4", 64, seed=parts, parts=parts)
+    assert m.amx_parts == parts
+    x = torch.randn(40, 1024, generator=g)
+    lib = native.library()
+    m._kernel_args()  # what a decode step caches
+    assert "_kernel" in m.__dict__
+    assert batch_invariant(torch.nn.Sequential(m)) == 1
+    assert m.amx_parts == 3 and "_kernel" not in m.__dict__
+    got = m(x)
+    exact = x.double() @ m.dequantize().double().t() + m.bias.double()
+    assert (got.double() - exact).abs().max().item() < 2e-6 * exact.abs().max().item()
+    if lib is not None and lib.amx:  # 40 rows: AMX at three parts, float32-exact
+        assert m.last_kernel == _kernel(40, 32, 1024, 64, 3)
+        one = m(x[:1])  # a row alone: the one-row kernel, within float32 rounding of its row in the batch
+        assert (one.double() - got[:1].double()).abs().max().item() < 2e-6 * exact.abs().max().item()

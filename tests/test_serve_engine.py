@@ -179,14 +179,20 @@ def test_decoding_rows_are_read_in_place_without_copies(model_tok, attention):
         model.set_attn_implementation(before)
 
 
-@pytest.mark.parametrize("quantize,embeddings", [("int8", False), ("int4", True)])
+@pytest.mark.parametrize("quantize,embeddings", [("int8", False), ("int4", True), ("nf4", False)])
 def test_a_quantized_model_serves_what_it_generates_alone(quantize, embeddings):
     """`gpt2kit serve --quantize` (and --quantize-embeddings): the joint decode/prompt forwards run the
-    quantized modules, and each completion equals that model's own generate."""
+    quantized modules, and each completion equals that model's own generate. nf4's config asks for bfloat16
+    compute, which AMX would run in bf16 from 8 rows on: the engine makes the 4-bit products float32-exact at every
+    row count (batch_invariant), so a row's tokens do not depend on the rows beside it."""
+    from gpt2kit.quantization.modules import Linear4bit
     from gpt2kit.quantization.replace import quantized_modules
 
     model, tok, _ = load_model_and_tokenizer(None, "cpu", "float32", quantize, embeddings)
     engine = Engine(model, tok, max_num_seqs=3, max_model_len=256)
+    four = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert (len(four) > 0) == (quantize == "nf4")
+    assert all(m.batch_invariant and m.amx_parts == 3 and m.compute_dtype is torch.bfloat16 for m in four)
     prompts = [tok.encode(t) for t in ("ROMEO:", "KING: what say you to this", "First Citizen:\nBefore we")]
     clients = [submit(engine, f"q{i}", p, 10) for i, p in enumerate(prompts[:2])]
     run_until(engine, lambda: len(clients[0].tokens()) >= 3)

@@ -324,10 +324,16 @@ class Linear4bit(QuantizedProjection):
                     self.blocksize, out, None)
         return out
 
+    # True: float32-exact products at every row count, whatever the compute dtype (replace.batch_invariant; a server
+    # sets it, so that a request's completion does not depend on how many rows share its steps)
+    batch_invariant = False
+
     @property
     def amx_parts(self) -> int:
-        """The bf16 parts the AMX kernel computes in (AMX_PARTS by compute dtype; 3: float32-exact)."""
-        return AMX_PARTS.get(self.compute_dtype, 3)
+        """The bf16 parts the AMX kernel computes in (AMX_PARTS by compute dtype; 3: float32-exact). Fewer parts
+        run only from AMX's row counts, while fewer rows (a decode step) compute in float32: the rounding then
+        depends on the rows a call holds, unless batch_invariant."""
+        return 3 if self.batch_invariant else AMX_PARTS.get(self.compute_dtype, 3)
 
     def _max_rows(self, lib) -> int:
         if lib.amx and self.amx_parts < 3:

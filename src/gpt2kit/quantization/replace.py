@@ -41,6 +41,16 @@ def targets(module_names, qconfig) -> list[str]:
     return [n for n in module_names if is_projection(n) and not skipped(n, qconfig.skip_modules)]
 
 
+def batch_invariant(model) -> int:
+    """Make the model's 4-bit products float32-exact at every row count (Linear4bit.batch_invariant), so that a row's
+    results do not depend on the rows computed beside it (on AMX a lower compute dtype runs only from a few rows on);
+    returns how many modules it set."""
+    mods = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for m in mods:
+        m.batch_invariant = True  # __setattr__ drops the cached kernel arguments, which hold the part count
+    return len(mods)
+
+
 def compute_dtype(qconfig):
     dtype = getattr(qconfig, "bnb_4bit_compute_dtype", None)
     if dtype in (torch.float16, torch.bfloat16) and qconfig.mode not in _CPU_NOTE_SHOWN:
@@ -51,7 +61,7 @@ def compute_dtype(qconfig):
             how = ("as one bf16 product, as asked" if dtype is torch.bfloat16 else
                    "as three bf16 products (bf16x2: ~2^-16 relative, more than float16's precision)")
             where = (f"this CPU's AMX unit computes 4-bit products of {lib.amx['lut4'][AMX_PARTS[dtype]]} rows and "
-                     f"more {how}; fewer rows (a decode step) in float32")
+                     f"more {how}; fewer rows (a decode step) in float32; a server keeps them float32 at every row count")
         else:
             where = ("on this CPU gpt2kit computes the quantized products in float32 (its kernels decode the weights "
                      "to float32; half-precision CPU products are slower without AMX)")

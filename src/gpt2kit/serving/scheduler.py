@@ -29,6 +29,7 @@ from ..generation.guards import nonfinite_rows
 from ..model import linear
 from ..model.cache import StaticCache
 from ..model.replay import DecodeReplay
+from ..quantization.replace import batch_invariant
 from .sampling import RowSampler, SamplingParams, sample_rows
 from .stop import IncrementalDetokenizer, StopMatcher
 
@@ -123,6 +124,9 @@ class Engine:
         self.metrics = metrics
         self.device = model.device
         cfg = model.config
+        # a completion equals generate's for its prompt alone, whatever shares its steps: 4-bit products float32-exact
+        # at every row count, where AMX would compute a bf16 / float16 compute dtype in bf16 parts from 8-16 rows on
+        batch_invariant(model)
         # one fixed packing layout for every batch size, so that rows joining or leaving never repack weights
         hint = linear.pack_rows_hint(model.dtype, max_num_seqs)
         self.cache = StaticCache(cfg, max_num_seqs, max_model_len, device=self.device, dtype=model.dtype)
