@@ -425,6 +425,18 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
  * speed at 2 / 4 / 6 rows of 1600 inputs, 1.14x / 1.48x at 8 / 16, 1.54x / 2.15x at 8 / 16 rows of 6400) */
 #define TILED_MIN_M 8
 #define TILED_MAX_M 256  /* and the most it takes (the callers choose how many they pass: quantization/modules.py) */
+/* Past TILED_MAX_M rows (where AMX takes any number): CALL, an expression of m0 and rows, on each slab of at most
+ * TILED_MAX_M input rows, then return the first slab's status (the kernel of most rows), or the first failure's */
+#define BY_SLABS(M, CALL) do {                                                        \
+        int first_ = -1;                                                              \
+        for (int64_t m0 = 0; m0 < (M); m0 += TILED_MAX_M) {                           \
+            const int64_t rows = (M) - m0 < TILED_MAX_M ? (M) - m0 : TILED_MAX_M;     \
+            const int rc_ = (CALL);                                                   \
+            if (rc_ < 0) return rc_;                                                  \
+            if (m0 == 0) first_ = rc_;                                                \
+        }                                                                             \
+        return first_;                                                                \
+    } while (0)
 
 /* acc[m][r] += xs[m] . wt[r] over L floats (rows ldw, ldx apart); MM, RR compile-time, so the accumulators stay in
  * registers */
@@ -549,7 +561,9 @@ static void tiled_product(const tiled_source *src, const float *x, int64_t ldx, 
  * XL's and small's four shapes): one part 1.16-2.18x the tiled kernel at 8 rows, 1.35-2.86x at 12, 2.03-3.24x at 16
  * (XL); two parts 0.80-1.40x at 8, 0.82-2.65x at 12, 1.28-1.84x at 16 (XL) */
 #define AMX_MIN_M_INT8 16
+#ifdef GPT2KIT_AMX
 static const int64_t AMX_MIN_M_LUT4[4] = {0, 8, 16, 32};  /* by parts */
+#endif
 
 /* Where the AMX kernels run (built for AMX-BF16, Linux granted the tile state, GPT2KIT_AMX is not 0): the fewest rows
  * they take, int8's (int8 != 0) or NF4 / FP4's in `parts` bf16 parts (1-3); else 0 */
@@ -592,18 +606,9 @@ int gpt2kit_lut4_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const uin
                     const float *ln_b, float eps) {
     if (M < 1 || K % bs || bs % 32 || N < 1 || parts < 1 || parts > 3) return -1;
 #ifdef GPT2KIT_AMX
-    if (M > TILED_MAX_M && parts < 3 && !zero && gpt2kit_amx_min_rows(0, parts)) {  /* TILED_MAX_M rows a call */
-        int first = -1;
-        for (int64_t m0 = 0; m0 < M; m0 += TILED_MAX_M) {
-            const int64_t rows = M - m0 < TILED_MAX_M ? M - m0 : TILED_MAX_M;
-            const int rc = gpt2kit_lut4_mm(x + m0 * ldx, rows, K, ldx, w, N, code, scale, zero, bs, parts, bias,
-                                           y + m0 * ldy, ldy, act, residual ? residual + m0 * ldy : NULL, ln_w, ln_b,
-                                           eps);
-            if (rc < 0) return rc;
-            if (m0 == 0) first = rc;
-        }
-        return first;
-    }
+    if (M > TILED_MAX_M && parts < 3 && !zero && gpt2kit_amx_min_rows(0, parts))
+        BY_SLABS(M, gpt2kit_lut4_mm(x + m0 * ldx, rows, K, ldx, w, N, code, scale, zero, bs, parts, bias, y + m0 * ldy,
+                                    ldy, act, residual ? residual + m0 * ldy : NULL, ln_w, ln_b, eps));
 #endif
     if (M > TILED_MAX_M) return -1;
 #ifdef INT4_INTEGER
@@ -756,18 +761,9 @@ int gpt2kit_int8_mm(const float *x, int64_t M, int64_t K, int64_t ldx, const int
                     const float *ln_w, const float *ln_b, float eps) {
     if (M < 1 || K % 32 || N < 1) return -1;
 #ifdef GPT2KIT_AMX
-    if (M > TILED_MAX_M && gpt2kit_amx_min_rows(1, 3)) {  /* past the tiled kernels' rows: TILED_MAX_M rows a call (AMX,
-                                                         * or where it refuses the shape the tiled kernel) */
-        int first = -1;
-        for (int64_t m0 = 0; m0 < M; m0 += TILED_MAX_M) {
-            const int64_t rows = M - m0 < TILED_MAX_M ? M - m0 : TILED_MAX_M;
-            const int rc = gpt2kit_int8_mm(x + m0 * ldx, rows, K, ldx, w, N, scale, bias, y + m0 * ldy, ldy, act,
-                                           residual ? residual + m0 * ldy : NULL, ln_w, ln_b, eps);
-            if (rc < 0) return rc;
-            if (m0 == 0) first = rc;
-        }
-        return first;  /* the kernel of the first TILED_MAX_M rows, the most of them */
-    }
+    if (M > TILED_MAX_M && gpt2kit_amx_min_rows(1, 3))  /* AMX, or where it refuses the shape the tiled kernel */
+        BY_SLABS(M, gpt2kit_int8_mm(x + m0 * ldx, rows, K, ldx, w, N, scale, bias, y + m0 * ldy, ldy, act,
+                                    residual ? residual + m0 * ldy : NULL, ln_w, ln_b, eps));
 #endif
     if (M > TILED_MAX_M) return -1;
     float *normed = NULL;
