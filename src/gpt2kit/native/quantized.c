@@ -35,6 +35,16 @@
  * side: GPT-2 small's 49 int8 matrices (cold, 2 Xeon threads) took 12.5-17.2 ms without, 7.4-10.1 ms with
  * 8 groups ahead and a guided schedule (contiguous runs of rows per thread); int4 11.4-13.3 -> 7.9-8.4 ms */
 #define PREFETCH_GROUPS 8
+/* On AVX2 (measured on a 2-core AVX2-only EPYC, C harness, variants alternating in one process, 40 rounds): the
+ * one-row int8 and int4 kernels instead prefetch the next group of four rows as one run of bytes, spread evenly over
+ * the group's steps (a group's four rows are contiguous: its successor's bytes are the next 4 K of the stream), in
+ * place of a burst of one line a row every few steps 8 groups on. int8: the head screen (50257 x 768) 1.98-2.29 ->
+ * 1.47-1.76 ms (1.30-1.34x), small's 48 block matrices 1.26-1.33x; int4 g32 1.10-1.16x (the int4 kernel is nearer to
+ * its instruction bound); 2 or 4 groups on instead of 1 ran no faster. No AVX-512 CPU was at hand to measure it on: that
+ * build keeps the burst. */
+#ifndef GPT2KIT_AVX512
+#define LINEAR_PREFETCH 1
+#endif
 
 /* x (M, K), layer-normed first where ln_w is given -> its even and odd columns, so a byte's high/low nibbles
  * meet their inputs lane by lane (K % 32 == 0) */
@@ -339,16 +349,19 @@ static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsp
     const __m256i w14 = _mm256_set1_epi16(1 << 14), w7 = _mm256_set1_epi16(1 << 7), w0 = _mm256_set1_epi16(1);
     __m256 tot[4];
     for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();
+    /* the next four rows' codes (128 bytes a step), scales and zero points (4 * 64 / bs floats each a step: a line
+     * every 64 / that steps; their prefetch gave 1.13x over the codes' alone) */
+    const char *next = (const char *)(w + (n + 4) * half), *next_s = (const char *)(scale + (n + 4) * groups),
+               *next_z = (const char *)(zero + (n + 4) * groups);
+    const int64_t param_step = 1024 / bs;  /* bytes; bs % 32 == 0, a power of 2 */
     for (int64_t j = 0; j < half; j += 32) {
-        for (int r = 0; r < R; r++)
-            if ((j & 63) == 0)
-                _mm_prefetch((const char *)(w + (n + r + PREFETCH_GROUPS * 4) * half + j), _MM_HINT_T0);
-        if ((j & 255) == 0)  /* and their scales and zero points, 512 inputs' (64 bytes) at a time: 1.13x on GPT-2
-                              * small's block products at one row (AVX2-only EPYC, alternating in one process) */
-            for (int r = 0; r < R; r++) {
-                _mm_prefetch((const char *)(scale + (n + r + PREFETCH_GROUPS * 4) * groups + 2 * j / bs), _MM_HINT_T0);
-                _mm_prefetch((const char *)(zero + (n + r + PREFETCH_GROUPS * 4) * groups + 2 * j / bs), _MM_HINT_T0);
-            }
+        _mm_prefetch(next + 4 * j, _MM_HINT_T0);
+        _mm_prefetch(next + 4 * j + 64, _MM_HINT_T0);
+        const int64_t at = j / 32 * param_step;
+        if ((at & 63) < param_step) {
+            _mm_prefetch(next_s + at, _MM_HINT_T0);
+            _mm_prefetch(next_z + at, _MM_HINT_T0);
+        }
         const int8_t *p = xs->pieces + j;
         const __m256i e1 = _mm256_load_si256((const __m256i *)p), o1 = _mm256_load_si256((const __m256i *)(p + S)),
                       e2 = _mm256_load_si256((const __m256i *)(p + 2 * S)), o2 = _mm256_load_si256((const __m256i *)(p + 3 * S)),
@@ -733,14 +746,20 @@ static inline void int8_rows4_m1(const float *x, int64_t K, const int8_t *w, con
                                  int64_t n, float *y) {
     const int8_t *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
     vf a0 = vf_zero(), a1 = vf_zero(), a2 = vf_zero(), a3 = vf_zero();
+#ifndef LINEAR_PREFETCH
     const int64_t ahead = PREFETCH_GROUPS * 4 * K;  /* the same columns of the rows PREFETCH_GROUPS groups on */
+#endif
     for (int64_t k = 0; k < K; k += 16) {  /* K % 32 == 0 */
+#ifdef LINEAR_PREFETCH
+        _mm_prefetch((const char *)(r0 + 4 * K + 4 * k), _MM_HINT_T0);  /* the next four rows: a line a step */
+#else
         if ((k & 63) == 0) {
             _mm_prefetch((const char *)(r0 + ahead + k), _MM_HINT_T0);
             _mm_prefetch((const char *)(r1 + ahead + k), _MM_HINT_T0);
             _mm_prefetch((const char *)(r2 + ahead + k), _MM_HINT_T0);
             _mm_prefetch((const char *)(r3 + ahead + k), _MM_HINT_T0);
         }
+#endif
         const vf xv = vf_load(x + k);
         a0 = vf_fmadd(vf_i8(r0 + k), xv, a0);
         a1 = vf_fmadd(vf_i8(r1 + k), xv, a1);
