@@ -152,3 +152,31 @@ def test_a_failing_step_stops_recording(checkpoint):
     with pytest.raises(ValueError, match="boom"):
         DecodeReplay().run(blocks, torch.randn(1, 1, 768), cache, cache.plan(1), model.transformer.h)
     assert native.RECORDING.calls is None
+
+
+@needs_kernels
+def test_recording_does_not_import_dynamo(checkpoint):
+    """The recording's dispatch mode opts out of PyTorch's torch._dynamo.disable wrapper, whose first call imports
+    torch._dynamo and torch.distributed (~1.5 s added to a process's first generate()). Run in a fresh process, since
+    this one may have imported them for other tests."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, torch
+from gpt2kit import GPT2LMHeadModel
+from gpt2kit.model.replay import DecodeReplay
+from gpt2kit.quantization import TorchAoConfig
+assert "torch._dynamo" not in sys.modules, "imported before any recording: this test proves nothing"
+model = GPT2LMHeadModel.from_pretrained({str(checkpoint)!r}, quantization_config=TorchAoConfig("int8_weight_only")).eval()
+from gpt2kit import StaticCache
+cache, replay = StaticCache(model.config, 1, 16), DecodeReplay()
+tok = torch.tensor([[5]])
+for _ in range(3):
+    tok = model.decode(tok, cache, replay=replay)[:, -1].argmax(-1, keepdim=True)
+assert replay.refused is None and replay.replays == 2, (replay.refused, replay.replays)
+print("dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "dynamo imported: False" in out.stdout

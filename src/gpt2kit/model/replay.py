@@ -38,6 +38,13 @@ def _storage(t: torch.Tensor) -> int:
 class _KernelsOnly(TorchDispatchMode):
     """Lets every op run; keeps what allocations return; notes the first op that computes."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # PyTorch otherwise wraps __torch_dispatch__ in torch._dynamo.disable, whose first call imports torch._dynamo
+        # (and torch.distributed): ~1.5 s added to a process's first generate(). A recording never runs under
+        # torch.compile, so there is nothing for that wrapper to disable.
+        return False
+
     def __init__(self):
         super().__init__()
         self.made: list[torch.Tensor] = []
