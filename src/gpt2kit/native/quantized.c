@@ -340,13 +340,27 @@ static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsp
  * int16 (at most 2 * 15 * 127: no saturation), two of them (high and low nibbles) add into one int16 vector
  * (<= 7620), and vpmaddwd by (2^14, 2^7, 1) per piece adds those pairs into int32 lanes already weighted (<= 2^28).
  * 32 bytes = 64 weights a row a step; lane i: bytes 4i .. 4i + 3, inputs 2j + 8i .. 2j + 8i + 7. */
+/* one row's 64 weights (32 code bytes v) against the six x pieces at p: the integer sum in 8 int32 lanes, the pieces
+ * weighted 2^14 / 2^7 / 1. The pieces are read from L1 as each product's memory operand, leaving registers for the
+ * rows' sums: kept in registers instead, they pushed the sums, constants and pointers to the stack (GCC 12) */
+static inline __attribute__((always_inline)) __m256i int4_dot64(__m256i v, const int8_t *p, int64_t S) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), lo = _mm256_and_si256(v, nib);
+    const __m256i a1 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)p)),
+                                        _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(p + S))));
+    const __m256i a2 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(p + 2 * S))),
+                                        _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(p + 3 * S))));
+    const __m256i a3 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(p + 4 * S))),
+                                        _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(p + 5 * S))));
+    return _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(a1, _mm256_set1_epi16(1 << 14)),
+                                             _mm256_madd_epi16(a2, _mm256_set1_epi16(1 << 7))),
+                            _mm256_madd_epi16(a3, _mm256_set1_epi16(1)));
+}
+
 static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsplit *xs, int64_t K, const uint8_t *w,
                                                                     const float *scale, const float *zero, int64_t bs,
                                                                     const float *bias, int64_t n, float *y, const int R) {
-    const int64_t half = K / 2, groups = K / bs, S = xs->stride;
-    const __m256i nib = _mm256_set1_epi8(0x0F);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i w14 = _mm256_set1_epi16(1 << 14), w7 = _mm256_set1_epi16(1 << 7), w0 = _mm256_set1_epi16(1);
+    const int64_t half = K / 2, groups = K / bs, S = xs->stride, full = half / 32 * 32;
     __m256 tot[4];
     for (int r = 0; r < R; r++) tot[r] = _mm256_setzero_ps();
     /* the next four rows' codes (128 bytes a step), scales and zero points (4 * 64 / bs floats each a step: a line
@@ -354,7 +368,7 @@ static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsp
     const char *next = (const char *)(w + (n + 4) * half), *next_s = (const char *)(scale + (n + 4) * groups),
                *next_z = (const char *)(zero + (n + 4) * groups);
     const int64_t param_step = 1024 / bs;  /* bytes; bs % 32 == 0, a power of 2 */
-    for (int64_t j = 0; j < half; j += 32) {
+    for (int64_t j = 0; j < full; j += 32) {  /* whole 32-byte chunks */
         _mm_prefetch(next + 4 * j, _MM_HINT_T0);
         _mm_prefetch(next + 4 * j + 64, _MM_HINT_T0);
         const int64_t at = j / 32 * param_step;
@@ -362,32 +376,28 @@ static inline __attribute__((always_inline)) void int4_integer_rows_m1(const xsp
             _mm_prefetch(next_s + at, _MM_HINT_T0);
             _mm_prefetch(next_z + at, _MM_HINT_T0);
         }
-        const int8_t *p = xs->pieces + j;
-        const __m256i e1 = _mm256_load_si256((const __m256i *)p), o1 = _mm256_load_si256((const __m256i *)(p + S)),
-                      e2 = _mm256_load_si256((const __m256i *)(p + 2 * S)), o2 = _mm256_load_si256((const __m256i *)(p + 3 * S)),
-                      e3 = _mm256_load_si256((const __m256i *)(p + 4 * S)), o3 = _mm256_load_si256((const __m256i *)(p + 5 * S));
-        const int64_t g0 = 2 * j / bs, ng = groups - g0 < 8 ? groups - g0 : 8;
+        const int64_t g0 = 2 * j / bs;  /* the chunk's 64 inputs: groups g0 and g0 + 1 (bs 32, lanes 0-3 and 4-7), or g0 */
+        for (int r = 0; r < R; r++) {
+            const __m256i a = int4_dot64(_mm256_loadu_si256((const __m256i *)(w + (n + r) * half + j)), xs->pieces + j, S);
+            const float *sr = scale + (n + r) * groups + g0;
+            const __m256 sv = bs == 32 ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(sr)),
+                                                              _mm_broadcast_ss(sr + 1), 1)
+                                       : _mm256_broadcast_ss(sr);
+            tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, tot[r]);
+        }
+    }
+    if (full < half) {  /* the rows' last, partial chunk: its missing codes meet the pieces' zero padding */
+        const int64_t j = full, g0 = 2 * j / bs, ng = groups - g0 < 8 ? groups - g0 : 8;
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         const __m256i gidx = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32((int)(2 * j)),
                                                                                 _mm256_slli_epi32(lane, 3)),
                                                                 __builtin_ctzll((unsigned long long)bs)),
                                               _mm256_set1_epi32((int)g0));
         const __m256i gmask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)ng), lane);
         for (int r = 0; r < R; r++) {
-            const uint8_t *src = w + (n + r) * half + j;
-            __m256i v;
-            if (half - j >= 32) {
-                v = _mm256_loadu_si256((const __m256i *)src);
-            } else {  /* the row's last, partial chunk: its missing codes meet the pieces' zero padding */
-                uint8_t t[32] = {0};
-                memcpy(t, src, (size_t)(half - j));
-                v = _mm256_loadu_si256((const __m256i *)t);
-            }
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), lo = _mm256_and_si256(v, nib);
-            const __m256i a1 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, e1), _mm256_maddubs_epi16(lo, o1));
-            const __m256i a2 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, e2), _mm256_maddubs_epi16(lo, o2));
-            const __m256i a3 = _mm256_add_epi16(_mm256_maddubs_epi16(hi, e3), _mm256_maddubs_epi16(lo, o3));
-            const __m256i a = _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(a1, w14), _mm256_madd_epi16(a2, w7)),
-                                               _mm256_madd_epi16(a3, w0));
+            uint8_t t[32] = {0};
+            memcpy(t, w + (n + r) * half + j, (size_t)(half - j));
+            const __m256i a = int4_dot64(_mm256_loadu_si256((const __m256i *)t), xs->pieces + j, S);
             const __m256 sv = _mm256_permutevar8x32_ps(_mm256_maskload_ps(scale + (n + r) * groups + g0, gmask), gidx);
             tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), sv, tot[r]);
         }
