@@ -425,7 +425,7 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
 /* Two input rows and more (prefill chunks, batches): each thread takes TILE_N output rows at a time and walks their
  * inputs in chunks of CHUNK_BYTES codes a row: it decodes the chunk into float32 once (its scratch, in L1), then
  * multiplies every input row's matching inputs by it, TILE_M input rows x TILE_N output rows a pass (24 accumulators
- * on AVX-512, 4 on AVX2's 16 registers), the partial sums kept in a small buffer between chunks. A decoded weight then
+ * on AVX-512, 12 single-ymm ones on AVX2), the partial sums kept in a small buffer between chunks. A decoded weight then
  * serves all M rows (the row-at-a-time kernel, lut4_row, decoded it again for every four input rows: 16 rows of GPT-2
  * XL's block products ran at ~50 GFLOP/s on 2 Xeon threads), and the chunk keeps the decoded weights in L1 (whole
  * decoded rows, 100 KB for 6400 inputs, left the product bound by L2 at ~75 GFLOP/s). The decoded values are those
@@ -438,8 +438,11 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
 #define TILE_N 6
 #define CHUNK_BYTES 512  /* 1024 inputs a row: TILE_N x 4 KB decoded (24 KB of L1); x streams from L2 */
 #else
-#define TILE_M 2
-#define TILE_N 2
+/* AVX2 (the AVX2-only EPYC, C harness, 2 threads, GPT-2 small's four int4 products, best of 30): a 3 x 4 tile of
+ * single-ymm sums ran 8 / 16 / 32 rows at 77 / 92 / 103 GFLOP/s against 63 / 69 / 72 for 2 x 2 tiles of vf pairs;
+ * 4 x 3 ran 64 / 75 / 81, 2 x 5 and 2 x 6 59 / 87-97 / 100 */
+#define TILE_M 3
+#define TILE_N 4
 #define CHUNK_BYTES 256  /* 512 inputs a row: TILE_N x 2 KB decoded */
 #endif
 #define INT8_CHUNK 512  /* int8 inputs a chunk, either build (1024 ran 0.95x at 16-24 rows, 4 x 6 tiles) */
@@ -462,7 +465,27 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
     } while (0)
 
 /* acc[m][r] += xs[m] . wt[r] over L floats (rows ldw, ldx apart); MM, RR compile-time, so the accumulators stay in
- * registers */
+ * registers. On AVX2 each sum is one ymm register (both halves of a vf step added into it: 12 sums, 4 weight rows and
+ * an x row fill the 16 registers), kept in the vf buffer's first half; every row's sum is taken in the same order
+ * whatever the tile's shape at the edges, so a row's result does not depend on the rows beside it */
+#ifndef GPT2KIT_AVX512
+static inline __attribute__((always_inline)) void dot_tile(const float *xs, int64_t ldx, const float *wt, int64_t ldw,
+                                                           int64_t L, vf *acc, const int MM, const int RR) {
+    __m256 a[TILE_M][TILE_N];
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < RR; r++) a[m][r] = _mm256_add_ps(acc[m * TILE_N + r].a, acc[m * TILE_N + r].b);
+    for (int64_t k = 0; k < L; k += 8) {
+        __m256 wv[TILE_N];
+        for (int r = 0; r < RR; r++) wv[r] = _mm256_load_ps(wt + r * ldw + k);
+        for (int m = 0; m < MM; m++) {
+            const __m256 xv = _mm256_loadu_ps(xs + m * ldx + k);
+            for (int r = 0; r < RR; r++) a[m][r] = _mm256_fmadd_ps(xv, wv[r], a[m][r]);
+        }
+    }
+    for (int m = 0; m < MM; m++)
+        for (int r = 0; r < RR; r++) acc[m * TILE_N + r] = vf_pair(a[m][r], _mm256_setzero_ps());
+}
+#else
 static inline __attribute__((always_inline)) void dot_tile(const float *xs, int64_t ldx, const float *wt, int64_t ldw,
                                                            int64_t L, vf *acc, const int MM, const int RR) {
     vf a[TILE_M][TILE_N];
@@ -479,6 +502,7 @@ static inline __attribute__((always_inline)) void dot_tile(const float *xs, int6
     for (int m = 0; m < MM; m++)
         for (int r = 0; r < RR; r++) acc[m * TILE_N + r] = a[m][r];
 }
+#endif
 
 /* dot_tile at run-time MM <= TILE_M, RR <= TILE_N (the edges of M and N) */
 static void dot_tile_any(const float *xs, int64_t ldx, const float *wt, int64_t ldw, int64_t L, vf *acc, int64_t MM,
