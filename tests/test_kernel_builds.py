@@ -42,7 +42,7 @@ def test_each_build_names_itself_and_its_integer_int4_kernel():
 def test_quantized_products_switch_to_blas_past_the_builds_row_limit(fmt):
     """The fused kernels (tiled at that many rows) run up to the build's row limit (measured in
     quantization/modules.py: affine int4 INT4_MAX_ROWS, 48 under AVX-512, 32 under AVX2; NF4 / FP4 LUT4_MAX_ROWS,
-    48 / 24, or 256 where the AMX kernel runs; int8 INT8_MAX_ROWS, 256 / 48, none where AMX runs), decoding into
+    48 / 48, or 256 where the AMX kernel runs; int8 INT8_MAX_ROWS, 256 / 64, none where AMX runs), decoding into
     float32 and BLAS past it, one block of output rows at a time (never the whole matrix again for each block), or
     for int8 where bf16 products are native PyTorch's packed int8 kernel (bf16 activations); all match the
     dequantized weights."""

@@ -42,16 +42,18 @@ SMALL_BATCH = 16  # rows up to which the fused kernels run where a module names 
 # avx2 on a real AVX2-only CPU (AMD EPYC, Zen 3 class, 2026-12-04; int8 against decoding into float32 and BLAS, for
 # without native bf16 _weight_int8pack_mm is slow; XL / small, best of 3 calls, two interleaved rounds): NF4 1.16x /
 # 1.04x at 24 rows, 0.96x / 0.94x at 32; int4 1.21x / 0.99x at 32, 1.07x / 0.78x at 48; int8 1.10x / 1.43x at 48,
-# 0.90x / 1.17x at 64.
+# 0.90x / 1.17x at 64. Again after the AVX2 tiled kernel's 3 x 4 tiles (a32cae3; the same CPU and harness): NF4 1.57x /
+# 1.48x at 24, 1.32x / 1.25x at 32, 1.13-1.17x / 1.12-1.15x at 48, 1.01x / 1.03x at 64; int4 1.32x / 1.33x at 32,
+# 0.95x / 1.04x at 48, 1.01x / 1.02x at 64; int8 1.29x / 1.42x at 48, 1.12x / 1.10x at 64, 0.98x / 0.96x at 96.
 # Where the AMX kernels run (native/amx.h, lib.amx: from 32 rows for 4-bit, 16 for int8) 4-bit takes them up to 256
 # rows: against decoding into float32 and BLAS, GPT-2 XL's four block products took 0.49-0.55x the time at 64 rows,
 # 0.58-0.95x at 128, 0.85-0.91x at 256 (2 Xeon threads, best of 7 calls, two interleaved runs).
-LUT4_MAX_ROWS = {"avx512": 48, "avx512-amx": 256, "avx2": 24}
+LUT4_MAX_ROWS = {"avx512": 48, "avx512-amx": 256, "avx2": 48}
 INT4_MAX_ROWS = {"avx512": 48, "avx2": 32}  # affine int4 (its zero points): the tiled kernel, AMX or not
 # int8 where AMX runs: any number of rows (native/quantized.c calls it 256 rows at a time past TILED_MAX_M), exact, where
 # _weight_int8pack_mm rounds the activations to bf16: 2.0-2.7x its speed at 512-2048 rows of GPT-2 XL's and small's
 # four block products, 4.5e-7 of the largest output against float64 where it is 5.3e-3 (2 Xeon threads, best of 5)
-INT8_MAX_ROWS = {"avx512": 256, "avx512-amx": 1 << 62, "avx2": 48}
+INT8_MAX_ROWS = {"avx512": 256, "avx512-amx": 1 << 62, "avx2": 64}
 # gpt2kit_lut4_mm's kernels by the status it returns (native/quantized.c): the row-at-a-time float lookup, the integer
 # int4 ones (AVX512-VNNI, AVX2), NF4 / FP4's one-row kernel on codes read as dwords (AVX-512), the tiled one (8 rows
 # and more), NF4 / FP4's AMX one (native/amx.h)
