@@ -169,7 +169,6 @@ class _DecodeState(NamedTuple):
 
 
 _DECODE = _DecodeLocal()
-_SCRATCH = threading.local()  # per thread: buffers a call fills and the next kernel reads at once (LMHead.argmax)
 PACK_LIMIT_BYTES = 1 << 30  # a decode never packs (doubles) more than 1 GiB of weights
 
 
@@ -430,6 +429,7 @@ class LMHead(_PolicyLinear, nn.Linear):
 
     _screen = None  # (weight, storage, version, int8 copy (V, C), its row scales (V,), bounds (V,)) for argmax
     _screen16 = None  # (weight, storage, version, rows hint, packed bf16 copy, bounds (V,)): argmax at more rows
+    last_candidates: list | None = None  # per row, the outputs the latest argmax summed again in float32
 
     def argmax(self, x: torch.Tensor, banned: torch.Tensor | None = None, *,
                any_rows: bool = False) -> torch.Tensor | None:
@@ -460,7 +460,7 @@ class LMHead(_PolicyLinear, nn.Linear):
         V, K = w.shape
         if B <= NATIVE_MAX_ROWS[torch.float32] and choose_path(x, w, head=True) == NATIVE:
             q, scale, cw = self._screen_weights(w)
-            z, rel, path = self._screen_out(B, V), 0.0, ARGMAX_SCREEN
+            z, rel, path = torch.empty(B, V), 0.0, ARGMAX_SCREEN
             native.call(lib.gpt2kit_int8_mm, x, B, K, K, q, V, scale, None, z, V, 0, None, None, None, 0.0)
         elif any_rows and onednn.bf16_native():
             packed, cw = self._screen_bf16(w)
@@ -477,24 +477,8 @@ class LMHead(_PolicyLinear, nn.Linear):
         if rc != 0:
             return None
         self.__dict__["last_path"] = path
-        self.__dict__["_counts"] = counts
+        self.__dict__["last_candidates"] = counts.tolist()
         return out
-
-    @property
-    def last_candidates(self) -> list | None:
-        """Per row, the outputs the latest argmax summed again in float32 (read back only when asked)."""
-        counts = self.__dict__.get("_counts")
-        return None if counts is None else counts.tolist()
-
-    @staticmethod
-    def _screen_out(B: int, V: int) -> torch.Tensor:
-        """Scratch for the int8 screen's output (B, V), this thread's, kept from call to call: a fresh 200 KB float32
-        buffer a step is an mmap, 50 page faults and an munmap in glibc's allocator. Only the argmax kernel reads it,
-        right after."""
-        z = getattr(_SCRATCH, "screen", None)
-        if z is None or z.numel() < B * V:
-            z = _SCRATCH.screen = torch.empty(B * V)
-        return z[:B * V].view(B, V)
 
     def _screen_bf16(self, w):
         """The bf16 screen: oneDNN's packed copy of bf16(w) (laid out for the decode step's row hint, else 32 rows)
