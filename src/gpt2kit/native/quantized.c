@@ -465,44 +465,42 @@ static int int4_integer_m1(const float *x, int64_t K, const uint8_t *w, int64_t 
     } while (0)
 
 /* acc[m][r] += xs[m] . wt[r] over L floats (rows ldw, ldx apart); MM, RR compile-time, so the accumulators stay in
- * registers. On AVX2 each sum is one ymm register (both halves of a vf step added into it: 12 sums, 4 weight rows and
- * an x row fill the 16 registers), kept in the vf buffer's first half; every row's sum is taken in the same order
- * whatever the tile's shape at the edges, so a row's result does not depend on the rows beside it */
-#ifndef GPT2KIT_AVX512
-static inline __attribute__((always_inline)) void dot_tile(const float *xs, int64_t ldx, const float *wt, int64_t ldw,
-                                                           int64_t L, vf *acc, const int MM, const int RR) {
-    __m256 a[TILE_M][TILE_N];
-    for (int m = 0; m < MM; m++)
-        for (int r = 0; r < RR; r++) a[m][r] = _mm256_add_ps(acc[m * TILE_N + r].a, acc[m * TILE_N + r].b);
-    for (int64_t k = 0; k < L; k += 8) {
-        __m256 wv[TILE_N];
-        for (int r = 0; r < RR; r++) wv[r] = _mm256_load_ps(wt + r * ldw + k);
-        for (int m = 0; m < MM; m++) {
-            const __m256 xv = _mm256_loadu_ps(xs + m * ldx + k);
-            for (int r = 0; r < RR; r++) a[m][r] = _mm256_fmadd_ps(xv, wv[r], a[m][r]);
-        }
-    }
-    for (int m = 0; m < MM; m++)
-        for (int r = 0; r < RR; r++) acc[m * TILE_N + r] = vf_pair(a[m][r], _mm256_setzero_ps());
-}
+ * registers. A sum is a vf on AVX-512; on AVX2 one ymm register (both halves of a vf step added into it: 12 sums, 4
+ * weight rows and an x row fill the 16 registers), kept in the vf buffer's first half. Every row's sum is taken in the
+ * same order whatever the tile's shape at the edges, so a row's result does not depend on the rows beside it. */
+#ifdef GPT2KIT_AVX512
+typedef vf tile_sum;
+#define TILE_STEP 16
+AI tile_sum tile_from(vf acc) { return acc; }
+AI vf tile_to(tile_sum a) { return a; }
+AI tile_sum tile_loadw(const float *p) { return vf_loada(p); }
+AI tile_sum tile_loadx(const float *p) { return vf_load(p); }
+AI tile_sum tile_fma(tile_sum x, tile_sum w, tile_sum a) { return vf_fmadd(x, w, a); }
 #else
+typedef __m256 tile_sum;
+#define TILE_STEP 8
+AI tile_sum tile_from(vf acc) { return _mm256_add_ps(acc.a, acc.b); }
+AI vf tile_to(tile_sum a) { return vf_pair(a, _mm256_setzero_ps()); }
+AI tile_sum tile_loadw(const float *p) { return _mm256_load_ps(p); }
+AI tile_sum tile_loadx(const float *p) { return _mm256_loadu_ps(p); }
+AI tile_sum tile_fma(tile_sum x, tile_sum w, tile_sum a) { return _mm256_fmadd_ps(x, w, a); }
+#endif
 static inline __attribute__((always_inline)) void dot_tile(const float *xs, int64_t ldx, const float *wt, int64_t ldw,
                                                            int64_t L, vf *acc, const int MM, const int RR) {
-    vf a[TILE_M][TILE_N];
+    tile_sum a[TILE_M][TILE_N];
     for (int m = 0; m < MM; m++)
-        for (int r = 0; r < RR; r++) a[m][r] = acc[m * TILE_N + r];
-    for (int64_t k = 0; k < L; k += 16) {
-        vf wv[TILE_N];
-        for (int r = 0; r < RR; r++) wv[r] = vf_loada(wt + r * ldw + k);
+        for (int r = 0; r < RR; r++) a[m][r] = tile_from(acc[m * TILE_N + r]);
+    for (int64_t k = 0; k < L; k += TILE_STEP) {
+        tile_sum wv[TILE_N];
+        for (int r = 0; r < RR; r++) wv[r] = tile_loadw(wt + r * ldw + k);
         for (int m = 0; m < MM; m++) {
-            const vf xv = vf_load(xs + m * ldx + k);
-            for (int r = 0; r < RR; r++) a[m][r] = vf_fmadd(xv, wv[r], a[m][r]);
+            const tile_sum xv = tile_loadx(xs + m * ldx + k);
+            for (int r = 0; r < RR; r++) a[m][r] = tile_fma(xv, wv[r], a[m][r]);
         }
     }
     for (int m = 0; m < MM; m++)
-        for (int r = 0; r < RR; r++) acc[m * TILE_N + r] = a[m][r];
+        for (int r = 0; r < RR; r++) acc[m * TILE_N + r] = tile_to(a[m][r]);
 }
-#endif
 
 /* dot_tile at run-time MM <= TILE_M, RR <= TILE_N (the edges of M and N) */
 static void dot_tile_any(const float *xs, int64_t ldx, const float *wt, int64_t ldw, int64_t L, vf *acc, int64_t MM,
