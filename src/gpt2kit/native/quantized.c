@@ -39,9 +39,9 @@
  * one-row int8 and int4 kernels instead prefetch the next group of four rows as one run of bytes, spread evenly over
  * the group's steps (a group's four rows are contiguous: its successor's bytes are the next 4 K of the stream), in
  * place of a burst of one line a row every few steps 8 groups on. int8: the head screen (50257 x 768) 1.98-2.29 ->
- * 1.47-1.85 ms (1.21-1.34x over five runs), small's 48 block matrices 1.12-1.33x; int4 g32 1.10-1.19x (the int4
- * kernel is nearer to its instruction bound); 2, 4 or 8 groups on instead of 1 ran no faster. No AVX-512 CPU was at hand to measure it on: that
- * build keeps the burst. */
+ * 1.47-1.85 ms (1.21-1.34x over five runs), small's 48 block matrices 1.12-1.33x; int4 g32 1.10-1.19x (it does more
+ * work a line: 54-56 GB/s-equivalent from L2, 21-24 from memory); 2, 4 or 8 groups on instead of 1 ran no faster. No
+ * AVX-512 CPU was at hand to measure it on: that build keeps the burst. */
 #ifndef GPT2KIT_AVX512
 #define LINEAR_PREFETCH 1
 #endif
